@@ -1,0 +1,30 @@
+# Set-up and the two everyday commands. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(VENV)/.runtime-installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+## demo: the main job on the embedded default (perplexity of a tiny checkpoint it writes and reloads)
+demo: $(VENV)/.runtime-installed
+	$(BIN)/python -m dasd_jax.perplexity
+
+## test: the whole test suite (CPU, offline)
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q
+
+## bench: forward-pass throughput of a tiny decoder on this machine
+bench: $(VENV)/.runtime-installed
+	$(BIN)/python benchmarks/forward.py --shape=tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,414 @@
+"""One decoder for Llama 3.x, Qwen2/2.5, Qwen3 and Mistral checkpoints.
+
+The module tree mirrors Hugging Face's (`embed_tokens`, `layers/self_attn/q_proj`, ...), so
+checkpoint conversion in `hf.py` is a table of transposes and reshapes. RoPE uses the split-half
+layout of HF (`rotate_half`), so no permutation of q/k weights is needed.
+
+Layers run under `nn.scan` (params stacked on a leading `layers` axis) with a configurable
+rematerialization policy. Every param carries logical axis names (`embed`, `heads`, `mlp`, ...);
+`sharding.py` maps them to mesh axes.
+
+The public surface is pure functions over a params pytree:
+
+    params = init(cfg, rng)
+    logits = forward(cfg, params, tokens)                 # float[B, T, V] in cfg.dtype
+    hidden = hidden_states(cfg, params, tokens)           # float[B, T, D], after the final norm
+    logits = unembed(cfg, params, hidden)                 # any leading shape
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a decoder; hashable, so it can be a static jit argument.
+
+    `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the storage dtype
+    of the params. Both accept anything `jnp.dtype` accepts.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        problems = []
+        if self.model_type not in MODEL_TYPES:
+            problems.append(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            problems.append(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_type not in ROPE_TYPES:
+            problems.append(f"rope_type {self.rope_type!r} is not one of {ROPE_TYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, embeddings included (tied embeddings counted once)."""
+        d, f, h, k, e = (self.hidden_size, self.intermediate_size, self.num_heads,
+                         self.num_kv_heads, self.head_dim)
+        attn = d * e * (2 * h + 2 * k) + (e * (h + 2 * k) if self.qkv_bias else 0)
+        attn += (d if self.out_bias else 0) + (2 * e if self.qk_norm else 0)
+        mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """float32[head_dim // 2] inverse frequencies, computed as transformers does."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        old_context = cfg.rope_original_max_position
+        low_freq_wavelen = old_context / cfg.rope_low_freq_factor
+        high_freq_wavelen = old_context / cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old_context / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos, sin: dtype[B, T, head_dim // 2] for int positions[B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+    return jnp.cos(angles).astype(cfg.dtype), jnp.sin(angles).astype(cfg.dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates x[B, T, N, H] by split-half RoPE; cos, sin: [B, T, H // 2]."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- positions and masks
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """int32[B, T] position of each token within its packed segment (0 at each segment start)."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def segment_mask(segment_ids: Array) -> Array:
+    """bool[B, 1, T, T]: query and key lie in the same packed segment (causality applied apart)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def _attention_implementation(cfg: ModelConfig) -> str:
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and cfg.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and cfg.head_dim % 8 == 0
+        and cfg.head_dim <= 128
+    )
+    return "cudnn" if cudnn_ok else "xla"
+
+
+def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Causal (optionally sliding-window, optionally segment-masked) GQA attention.
+
+    q: [B, T, N, H]; k, v: [B, T, K, H]; mask: bool[B, 1, T, T] or None.  Returns [B, T, N, H].
+    """
+    window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, local_window_size=window,
+        implementation=_attention_implementation(cfg),
+    )
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _partitioned(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", _partitioned(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """x[..., *in] @ kernel[*in, *features] (+ bias[*features]), `in` = the last `contract` dims.
+
+    The kernel is created in its full shape, so its logical axis names always match its rank.
+    """
+
+    features: tuple[int, ...]
+    contract: int
+    use_bias: bool
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...]
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[x.ndim - self.contract:]
+        kernel = self.param("kernel", _partitioned(_KERNEL_INIT, self.kernel_axes),
+                            in_shape + self.features, self.param_dtype)
+        contracting = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contracting, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", _partitioned(nn.initializers.zeros, self.bias_axes),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _dense(cfg: ModelConfig, features, contract: int, use_bias: bool, kernel_axes, bias_axes,
+           name: str | None = None) -> Linear:
+    features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    return Linear(features, contract, use_bias, tuple(kernel_axes), tuple(bias_axes), cfg.dtype,
+                  cfg.param_dtype, name=name)
+
+
+class SelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None) -> Array:
+        cfg = self.cfg
+        n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg, (n, h), 1, cfg.qkv_bias, ("embed", "heads", "head_dim"),
+                   ("heads", "head_dim"), "q_proj")(x)
+        key = _dense(cfg, (k, h), 1, cfg.qkv_bias, ("embed", "kv_heads", "head_dim"),
+                     ("kv_heads", "head_dim"), "k_proj")(x)
+        value = _dense(cfg, (k, h), 1, cfg.qkv_bias, ("embed", "kv_heads", "head_dim"),
+                       ("kv_heads", "head_dim"), "v_proj")(x)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "head_dim", name="q_norm")(q)
+            key = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, "head_dim",
+                          name="k_norm")(key)
+        q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+        out = attention(cfg, q, key, value, mask)
+        return _dense(cfg, cfg.hidden_size, 2, cfg.out_bias, ("heads", "head_dim", "embed"),
+                      ("embed",), "o_proj")(out)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.intermediate_size, 1, cfg.mlp_bias, ("embed", "mlp"), ("mlp",),
+                      "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, 1, cfg.mlp_bias, ("embed", "mlp"), ("mlp",),
+                    "up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return _dense(cfg, cfg.hidden_size, 1, cfg.mlp_bias, ("mlp", "embed"), ("embed",),
+                      "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None):
+        cfg = self.cfg
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        normed = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="input_layernorm")(x)
+        x = x + SelfAttention(cfg, name="self_attn")(normed, cos, sin, mask)
+        normed = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype,
+                         name="post_attention_layernorm")(x)
+        x = x + MLP(cfg, name="mlp")(normed)
+        return x, None
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+        layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    return nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Decoder(nn.Module):
+    """tokens int32[B, T] -> final hidden states [B, T, D]; `unembed` maps them to logits."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=_partitioned(_KERNEL_INIT, ("vocab", "embed")),
+        )
+        self.layers = _layer_stack(cfg)(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, 1, False, ("embed", "vocab"), ("vocab",))
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        if positions is None:
+            positions = (
+                jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+                if segment_ids is None else segment_positions(segment_ids)
+            )
+        mask = None if segment_ids is None else segment_mask(segment_ids)
+        cos, sin = rope_tables(self.cfg, positions)
+        x = self.embed_tokens(tokens)
+        x, _ = self.layers(x, cos, sin, mask)
+        return self.norm(x)
+
+    def unembed(self, hidden):
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden.astype(self.cfg.dtype))
+        return self.lm_head(hidden)
+
+    def init_all(self, tokens):
+        return self.unembed(self(tokens))
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def _boxed_init(cfg: ModelConfig, rng: Array) -> PyTree:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(cfg).init(rng, tokens, method=Decoder.init_all)["params"]
+
+
+def init(cfg: ModelConfig, rng: Array) -> PyTree:
+    """Random params (HF-style normal(0.02) kernels, unit norms) as a plain pytree of arrays."""
+    return nn.unbox(_boxed_init(cfg, rng))
+
+
+def param_shapes(cfg: ModelConfig) -> PyTree:
+    """jax.ShapeDtypeStruct pytree of the params, computed without allocating them."""
+    return nn.unbox(jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0)))
+
+
+def param_logical_axes(cfg: ModelConfig) -> PyTree:
+    """PartitionSpec pytree of logical axis names, e.g. ('layers', 'embed', 'heads', 'head_dim')."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def hidden_states(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,
+                  segment_ids: Array | None = None) -> Array:
+    """Final-norm hidden states dtype[B, T, D] for tokens int32[B, T].
+
+    positions: int32[B, T] or None (0..T-1, or restarting at each segment when segment_ids is
+    given). segment_ids: int32[B, T] or None; tokens attend only to earlier tokens of the same
+    segment id (packed sequences).
+    """
+    return Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def unembed(cfg: ModelConfig, params: PyTree, hidden: Array) -> Array:
+    """Logits dtype[..., V] for hidden[..., D] (the tied embedding or the lm_head)."""
+    return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.unembed)
+
+
+def output_embedding(cfg: ModelConfig, params: PyTree) -> Array:
+    """The unembedding matrix [D, V] as stored (embedding transposed when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def forward(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,
+            segment_ids: Array | None = None) -> Array:
+    """Logits dtype[B, T, V] for tokens int32[B, T]; see `hidden_states` for the other inputs."""
+    return unembed(cfg, params, hidden_states(cfg, params, tokens, positions, segment_ids))
