@@ -1,0 +1,159 @@
+"""Token signals -> selection weights: the DASD rule and every baseline (pure jnp, jit-safe).
+
+All arrays share one shape (`[B, T]`, or `[A, B, T]` with micro-batches); per-batch statistics
+(the τ quantile, the rho1 and random keep counts) are taken over every response token passed in.
+
+The DASD rule (DESIGN.md, "The method in one page"), with confidence `b_t = π(ŷ_t)` and top-1
+probability `m_t = max_v π(v)` from the frozen base (or the trainee, `confidence_model="current"`)
+and `q_t = πref(ŷ_t)` recorded at rewrite time:
+
+    aligned     b_t ≥ τ                                   keep
+    correction  b_t < τ  and  q_t ≥ κ  and  m_t < γ       keep   (knowledge the base lacks)
+    drift       any other b_t < τ                         drop   (style the base would not write)
+
+Records without q (plain references): a high-PPL token has no evidence that the answer-aware
+reference wanted it. `missing_ref="drop"` (default) treats it as drift, so on such tokens DASD is
+exactly `ppl_filter`; `missing_ref="keep"` treats it as a correction, so there DASD is `all`.
+Tokens whose q is NaN count as "without q".
+
+Baselines (same signals, same step): `all` keeps every response token; `ppl_filter` keeps
+aligned tokens only; `rho1` keeps the top `rho1_keep` fraction by excess loss
+`L_θ − L_θ0 = log π0(ŷ_t) − log πθ(ŷ_t)`; `dft` weights each token by `sg(πθ(ŷ_t))`; `random`
+keeps a uniformly random subset of exactly as many tokens as `dasd` keeps on the same batch.
+Prompt and padding tokens (`loss_mask` False) never get weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dasd_jax.errors import UserError
+
+Array = jax.Array
+RULES = ("all", "dasd", "ppl_filter", "rho1", "dft", "random")
+
+
+class Signals(NamedTuple):
+    """Per-token inputs to selection; all float32 of one shape, `None` when not computed.
+
+    loss_mask: bool, True on response targets (never on prompt or padding).
+    base_logprob / base_top1 / base_entropy: log π0(ŷ_t), max_v π0(v), H(π0) under the base.
+    ref_logprob: log πref(ŷ_t) recorded by the rewrite; NaN where there is none.
+    trainee_logprob / trainee_top1: the same under the current trainee, without gradient.
+    """
+
+    loss_mask: Array
+    base_logprob: Array | None = None
+    base_top1: Array | None = None
+    base_entropy: Array | None = None
+    ref_logprob: Array | None = None
+    trainee_logprob: Array | None = None
+    trainee_top1: Array | None = None
+
+
+def validate(config: Any) -> None:
+    """Raises UserError naming the bad `config.selection` field."""
+    if config.rule not in RULES:
+        raise UserError(f"--config.selection.rule={config.rule!r} is not one of {', '.join(RULES)}")
+    if config.confidence_model not in ("base", "current"):
+        raise UserError("--config.selection.confidence_model must be 'base' or 'current', "
+                        f"not {config.confidence_model!r}")
+    if config.missing_ref not in ("drop", "keep"):
+        raise UserError(f"--config.selection.missing_ref must be 'drop' or 'keep', "
+                        f"not {config.missing_ref!r}")
+    if not 0.0 <= config.tau_min <= config.tau_max <= 1.0:
+        raise UserError("need 0 <= --config.selection.tau_min <= --config.selection.tau_max <= 1")
+    if config.tau_quantile is not None and not 0.0 <= config.tau_quantile <= 1.0:
+        raise UserError("--config.selection.tau_quantile must lie in [0, 1]")
+    if not 0.0 < config.rho1_keep <= 1.0:
+        raise UserError("--config.selection.rho1_keep must lie in (0, 1]")
+
+
+def needs(rule: str, config: Any) -> frozenset[str]:
+    """Which models' signals `rule` needs: a subset of {"base", "trainee"}."""
+    confidence = "trainee" if config.confidence_model == "current" else "base"
+    return frozenset({
+        "all": (),
+        "dasd": (confidence,),
+        "ppl_filter": (confidence,),
+        "random": (confidence,),
+        "rho1": ("base", "trainee"),
+        "dft": ("trainee",),
+    }[rule])
+
+
+def _confidence(signals: Signals, config: Any) -> tuple[Array, Array]:
+    """(b, m): probability of the target and top-1 probability under the confidence model."""
+    if config.confidence_model == "current":
+        return jnp.exp(signals.trainee_logprob), signals.trainee_top1
+    return jnp.exp(signals.base_logprob), signals.base_top1
+
+
+def threshold(confidence: Array, loss_mask: Array, config: Any) -> Array:
+    """τ: `config.tau`, or the `tau_quantile` quantile of confidence over response tokens,
+    clipped to [tau_min, tau_max] (tau_max when the batch has no response token)."""
+    if config.tau_quantile is None:
+        return jnp.asarray(config.tau, jnp.float32)
+    values = jnp.where(loss_mask, confidence, jnp.nan)
+    quantile = jnp.nanquantile(values, config.tau_quantile)
+    quantile = jnp.where(jnp.any(loss_mask), quantile, config.tau_max)
+    return jnp.clip(quantile, config.tau_min, config.tau_max).astype(jnp.float32)
+
+
+def categories(signals: Signals, config: Any) -> dict[str, Array]:
+    """bool masks `aligned`, `correction`, `drift` (a partition of the response tokens) and `tau`."""
+    mask = signals.loss_mask
+    confidence, top1 = _confidence(signals, config)
+    tau = threshold(confidence, mask, config)
+    aligned = mask & (confidence >= tau)
+    high_ppl = mask & ~aligned
+    ref = signals.ref_logprob if signals.ref_logprob is not None else jnp.full(mask.shape, jnp.nan)
+    has_ref = ~jnp.isnan(ref)
+    reference_confident = has_ref & (jnp.exp(jnp.where(has_ref, ref, -jnp.inf)) >= config.kappa)
+    correction = high_ppl & reference_confident & (top1 < config.gamma)
+    if config.missing_ref == "keep":
+        correction = correction | (high_ppl & ~has_ref)
+    return {"aligned": aligned, "correction": correction, "drift": high_ppl & ~correction,
+            "tau": tau}
+
+
+def keep_top(scores: Array, mask: Array, count: Array) -> Array:
+    """bool mask of the `count` highest-scoring tokens where `mask` (ties broken by position)."""
+    flat = jnp.where(mask, scores, -jnp.inf).reshape(-1)
+    order = jnp.argsort(-flat, stable=True)
+    ranks = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    return (ranks.reshape(mask.shape) < count) & mask
+
+
+def select(rule: str, signals: Signals, config: Any, rng: Array | None = None) -> Array:
+    """float32 per-token loss weights for `rule` (see the module docstring); 0 off the response.
+
+    rng: a PRNG key, needed by `random` only.
+    """
+    mask = signals.loss_mask
+    if rule == "all":
+        weights = mask
+    elif rule in ("dasd", "ppl_filter", "random"):
+        groups = categories(signals, config)
+        dasd = groups["aligned"] | groups["correction"]
+        if rule == "dasd":
+            weights = dasd
+        elif rule == "ppl_filter":
+            weights = groups["aligned"]
+        else:
+            if rng is None:
+                raise ValueError("the random rule needs an rng key")
+            noise = jax.random.uniform(rng, mask.shape)
+            weights = keep_top(noise, mask, jnp.sum(dasd))
+    elif rule == "rho1":
+        excess = signals.base_logprob - signals.trainee_logprob
+        count = jnp.round(config.rho1_keep * jnp.sum(mask)).astype(jnp.int32)
+        weights = keep_top(excess, mask, count)
+    elif rule == "dft":
+        weights = jnp.where(mask, jax.lax.stop_gradient(jnp.exp(signals.trainee_logprob)), 0.0)
+    else:
+        raise UserError(f"--config.selection.rule={rule!r} is not one of {', '.join(RULES)}")
+    return jnp.asarray(weights, jnp.float32)
