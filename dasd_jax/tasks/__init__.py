@@ -1,0 +1,1 @@
+"""Per-task prompts, answer extraction and scoring; `synthetic` makes offline demo records."""
