@@ -120,3 +120,20 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def place(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global jax.Array from a host array every process holds whole; each device gets its slice."""
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+class MeshJit:
+    """`jax.jit(fn, **jit_kwargs)` that traces, lowers and runs inside `activation_rules(mesh)`,
+    so the model's logical activation constraints bind to `mesh` without the caller's help."""
+
+    def __init__(self, fn, mesh: Mesh, rules=LOGICAL_AXIS_RULES, **jit_kwargs):
+        self.mesh, self.rules = mesh, rules
+        self.jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args):
+        with activation_rules(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with activation_rules(self.mesh, self.rules):
+            return self.jitted.lower(*args)

@@ -1,0 +1,26 @@
+"""DASD on Python code (MBPP): Qwen2.5-Coder-1.5B-Instruct, rule `dasd`.
+
+    python -m dasd_jax.train --config=configs/code.py --config.workdir=runs/code
+    python -m dasd_jax.train --config=configs/code.py:tiny --config.workdir=/tmp/dasd-tiny-code
+
+Variants as in configs/math.py (`:tiny`, `:sft`, `:sdft`).
+"""
+
+from dasd_jax.config_defaults import apply_variants, base_config
+
+
+def get_config(arg: str | None = None):
+    config = base_config()
+    config.model.path = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    config.model.remat_policy = "dots_no_batch"
+    config.data.path = "runs/code/rewrites.jsonl"
+    config.data.max_seq_len = 1024
+    config.data.buckets = (256, 512, 1024)
+    config.train.steps = 200
+    config.train.batch_size = 32
+    config.train.micro_batches = 2
+    config.train.learning_rate = 1e-5
+    config.train.warmup_steps = 10
+    config.selection.rule = "dasd"
+    config.checkpoint.every = 50
+    return apply_variants(config, arg)

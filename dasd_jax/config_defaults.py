@@ -1,0 +1,160 @@
+"""Every config field the trainer reads, with its default, and the variants every task config
+shares (`--config=configs/TASK.py:tiny,sft`). `configs/*.py` start from `base_config()`.
+
+Field names others rely on: `workdir`, `seed`, `mesh.shape`, `train.steps`, `train.log_every`,
+`checkpoint.every`, `selection.rule`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from dasd_jax import sharding
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.workdir = ""  # required: checkpoints, metrics.jsonl, TensorBoard logs, HF export
+    config.seed = 0
+    config.dry_run = False  # print param count and per-device memory of the compiled step, exit
+
+    config.model = ml_collections.ConfigDict()
+    config.model.path = ""  # HF checkpoint directory or hub id; "" = random init from model.random
+    config.model.param_dtype = "float32"  # trainee params (and optimizer state) dtype
+    config.model.compute_dtype = "bfloat16"
+    config.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    config.model.attention_impl = "auto"  # auto | xla | cudnn
+    # Used only when model.path is "": a random model of these dimensions with a character
+    # tokenizer (see dasd_jax.char_tokenizer); saved with the export like any checkpoint.
+    config.model.random = ml_collections.ConfigDict(dict(
+        model_type="llama", hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_word_embeddings=True,
+    ))
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+    config.mesh.rules = sharding.LOGICAL_AXIS_RULES
+
+    config.data = ml_collections.ConfigDict()
+    # JSONL file (or a directory of *.jsonl), a dataset saved with `datasets.save_to_disk`, or
+    # "hf:NAME[:CONFIG]" for a Hugging Face hub dataset; "generated" = tasks.synthetic records.
+    config.data.path = ""
+    config.data.split = "train"  # split for hf: / save_to_disk datasets
+    config.data.eval_path = ""  # same forms; "" = no evaluation
+    config.data.eval_split = "test"
+    config.data.generated_examples = 2048  # for path "generated"
+    config.data.generated_eval_examples = 128
+    config.data.fields = ml_collections.ConfigDict(dict(  # record field names, mappable
+        prompt="prompt", reference="reference", response="response",
+        ref_logprobs="ref_logprobs", base_logprobs="base_logprobs", base_top1="base_top1",
+    ))
+    config.data.target = "response"  # which text is trained: response (a rewrite) | reference
+    config.data.max_seq_len = 1024
+    config.data.buckets = (256, 512, 1024)  # padded lengths; bounded recompiles
+    config.data.overlong = "truncate"  # truncate (the response's end) | drop
+    config.data.chat_template = True  # use the tokenizer's chat template when it has one
+    config.data.system_prompt = ""
+    config.data.prompt_format = "Question: {prompt}\nAnswer: "  # when no chat template is used
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 1000
+    config.train.batch_size = 64  # global, in sequences
+    config.train.micro_batches = 1  # gradient accumulation steps per batch
+    config.train.log_every = 10
+    config.train.eval_every = 0  # 0 = only at the end (when data.eval_path is set)
+    config.train.eval_batches = 8
+    config.train.learning_rate = 1e-5
+    config.train.warmup_steps = 30
+    config.train.end_lr_ratio = 0.1  # cosine decays to learning_rate * end_lr_ratio
+    config.train.weight_decay = 0.0
+    config.train.b1 = 0.9
+    config.train.b2 = 0.95
+    config.train.eps = 1e-8
+    config.train.grad_clip = 1.0
+    config.train.loss_normalization = "selected"  # selected | response (token counts)
+    config.train.loss_chunk = 512  # tokens per chunk of the vocabulary projection
+    config.train.base_dtype = "bfloat16"  # dtype of the frozen base copy and its forward
+    # model: run the frozen base forward in the step; cached: read base_logprobs / base_top1
+    # from the records (written by co-decoding rewrites), no base forward at all.
+    config.train.base_confidence = "model"
+
+    config.selection = ml_collections.ConfigDict()
+    config.selection.rule = "dasd"  # all | dasd | ppl_filter | rho1 | dft | random
+    config.selection.tau = 0.1  # fixed confidence threshold (when tau_quantile is unset)
+    config.selection.tau_quantile = config_dict.placeholder(float)  # per-batch quantile of b
+    config.selection.tau_min = 0.01
+    config.selection.tau_max = 0.5
+    config.selection.kappa = 0.5  # q_t >= kappa: the answer-aware reference was confident
+    config.selection.gamma = 0.5  # m_t < gamma: the base had no strong competing preference
+    config.selection.confidence_model = "base"  # base | current (the trainee)
+    config.selection.rho1_keep = 0.6  # fraction of response tokens rho1 keeps per batch
+    # High-PPL tokens without a recorded q (plain references): drop (= ppl_filter there) | keep
+    config.selection.missing_ref = "drop"
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 100
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.async_save = True
+    config.checkpoint.export = True  # write {workdir}/hf, an HF checkpoint, at the end
+    config.checkpoint.export_dtype = "bfloat16"
+
+    config.metrics = ml_collections.ConfigDict()
+    config.metrics.tensorboard = True
+    config.metrics.progress_bar = True
+    return config
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+    """A tiny random model trained on generated arithmetic records: offline, < 2 min on 2 cores."""
+    config.workdir = config.workdir or "/tmp/dasd_jax_tiny"
+    config.model.path = ""
+    config.model.param_dtype = "float32"
+    config.model.compute_dtype = "float32"  # bf16 is slower than fp32 on CPUs
+    config.data.path = "generated"  # tasks.synthetic records: prompt + reference, no rewrite
+    config.data.eval_path = "generated"
+    config.data.target = "reference"
+    config.data.generated_examples = 1024
+    config.data.generated_eval_examples = 64
+    config.data.max_seq_len = 256
+    config.data.buckets = (192, 256)
+    config.train.steps = 60
+    config.train.batch_size = 16
+    config.train.log_every = 10
+    config.train.eval_batches = 2
+    config.train.learning_rate = 3e-3
+    config.train.warmup_steps = 5
+    config.train.loss_chunk = 64
+    config.train.base_dtype = "float32"
+    # A random base is unsure of every token: a per-batch quantile keeps the DASD rule active.
+    config.selection.tau_quantile = 0.3
+    config.selection.tau_min = 0.0
+    config.checkpoint.every = 20
+    config.checkpoint.export_dtype = "float32"
+
+
+def sft(config: ml_collections.ConfigDict) -> None:
+    """Plain SFT on the reference answers: rule `all`, target `reference`."""
+    config.selection.rule = "all"
+    config.data.target = "reference"
+
+
+def sdft(config: ml_collections.ConfigDict) -> None:
+    """SDFT: rule `all` on the rewrites."""
+    config.selection.rule = "all"
+    config.data.target = "response"
+
+
+VARIANTS = {"tiny": tiny, "sft": sft, "sdft": sdft}
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants in `arg` (e.g. "tiny,sft") in order."""
+    for name in filter(None, (arg or "").split(",")):
+        if name not in VARIANTS:
+            raise ValueError(f"unknown config variant {name!r}; choose from {', '.join(VARIANTS)}")
+        VARIANTS[name](config)
+    return config

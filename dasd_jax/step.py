@@ -1,0 +1,285 @@
+"""The DASD training step, read top to bottom like DESIGN.md's method:
+
+1. signals: the frozen base's confidence in every target (a bf16 forward under stop_gradient;
+   read from the batch when `base_confidence="cached"`, skipped when the rule needs no base),
+   and the trainee's own, without gradient, for the rules that use it (rho1, dft, current);
+2. selection: per-token weights from `selection.select` over the whole batch;
+3. masked cross-entropy of the trainee, accumulated over micro-batches with one batch-wide
+   normalizer, so accumulation changes memory, not the result;
+4. AdamW update with global-norm clipping, warmup + cosine schedule; metrics.
+
+Every baseline is this step with a different `config.selection.rule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dasd_jax import losses, model, selection, sharding
+from dasd_jax.errors import UserError
+
+Array = jax.Array
+PyTree = Any
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "ref_logprob", "base_logprob", "base_top1")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array  # int32[]
+    params: PyTree
+    opt_state: PyTree
+    rng: Array  # uint32[2], a raw PRNG key; step k uses fold_in(rng, k)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(train: Any) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then cosine to `learning_rate * end_lr_ratio`."""
+    if train.steps <= train.warmup_steps:
+        raise UserError(f"--config.train.steps={train.steps} must exceed "
+                        f"--config.train.warmup_steps={train.warmup_steps}")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+        decay_steps=train.steps, end_value=train.learning_rate * train.end_lr_ratio,
+    )
+
+
+def _decays(params: PyTree) -> PyTree:
+    """Weight decay on matrices (kernels, embeddings), not on norms and biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+
+
+def make_optimizer(train: Any) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=_decays),
+    )
+
+
+# ----------------------------------------------------------------------------- state and shardings
+
+
+def trainee_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
+    """The trainee's ModelConfig under `config.model` numerics."""
+    return cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
+                       remat_policy=config.model.remat_policy,
+                       attention_impl=config.model.attention_impl)
+
+
+def base_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
+    """The frozen base copy's ModelConfig: params and compute in `train.base_dtype`, no remat."""
+    return cfg.replace(param_dtype=config.train.base_dtype, dtype=config.train.base_dtype,
+                       remat_policy="none", attention_impl=config.model.attention_impl)
+
+
+def uses_base_model(config: Any) -> bool:
+    """Whether the step runs the frozen base forward (and so needs base params)."""
+    return config.train.base_confidence == "model" and "base" in selection.needs(
+        config.selection.rule, config.selection)
+
+
+def state_shardings(config: Any, cfg: model.ModelConfig, mesh) -> TrainState:
+    """NamedSharding of every TrainState leaf: params by logical axes, optimizer moments like
+    their params, scalars replicated."""
+    rules = config.mesh.rules
+    params = sharding.param_shardings(cfg, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shapes = jax.eval_shape(make_optimizer(config.train).init, model.param_shapes(cfg))
+    opt_state = optax.tree_map_params(
+        make_optimizer(config.train), lambda _, s: s, opt_shapes, params,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+
+
+def init_train_state(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) -> TrainState:
+    """A step-0 TrainState around `params` (cast to `config.model.param_dtype`), on `mesh`."""
+    cfg = trainee_config(config, cfg)
+    shardings = state_shardings(config, cfg, mesh)
+    tx = make_optimizer(config.train)
+
+    def build(params):
+        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(config.seed))
+
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
+def make_base_params(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) -> PyTree | None:
+    """The frozen base: a `train.base_dtype` copy of the initial params, or None when unused."""
+    if not uses_base_model(config):
+        return None
+    base_cfg = base_config(config, cfg)
+    shardings = sharding.param_shardings(base_cfg, mesh, config.mesh.rules)
+    cast = lambda p: jax.tree.map(lambda x: x.astype(base_cfg.param_dtype), p)  # noqa: E731
+    return jax.jit(cast, out_shardings=shardings)(params)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _micro_batches(batch: dict, count: int) -> dict:
+    """[B, ...] -> [count, B // count, ...]; micro-batch i holds examples i, i+count, ... so each
+    keeps the batch's device layout."""
+    def split(x):
+        if x.shape[0] % count:
+            raise UserError(f"--config.train.batch_size={x.shape[0]} is not divisible by "
+                            f"--config.train.micro_batches={count}")
+        return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _target_stats(cfg, params, batch, chunk, stats):
+    hidden = model.hidden_states(cfg, params, batch["tokens"])
+    return losses.token_stats(hidden, model.output_embedding(cfg, params), batch["targets"],
+                              chunk=chunk, stats=stats)
+
+
+def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Signals:
+    """Signals of one micro-batch: every field float32[b, T] (None when the rule needs none)."""
+    rule, chunk = config.selection.rule, config.train.loss_chunk
+    needed = selection.needs(rule, config.selection)
+    found = {"loss_mask": batch["loss_mask"], "ref_logprob": batch["ref_logprob"]}
+    if config.train.base_confidence == "cached":
+        found.update(base_logprob=batch["base_logprob"], base_top1=batch["base_top1"])
+    elif "base" in needed:
+        stats = _target_stats(base_cfg, base_params, batch, chunk, ("logprob", "top1", "entropy"))
+        found.update({f"base_{k}": jax.lax.stop_gradient(v) for k, v in stats.items()})
+    if "trainee" in needed:
+        stats = _target_stats(cfg, params, batch, chunk, ("logprob", "top1"))
+        found.update({f"trainee_{k}": jax.lax.stop_gradient(v) for k, v in stats.items()})
+    return selection.Signals(**found)
+
+
+def _selection_metrics(config, signals: selection.Signals, weights: Array) -> dict[str, Array]:
+    mask = signals.loss_mask
+    responses = jnp.maximum(jnp.sum(mask), 1)
+    fraction = lambda m: jnp.sum(m & mask) / responses  # noqa: E731
+    metrics = {"kept_ratio": fraction(weights > 0), "response_tokens": jnp.sum(mask)}
+    if signals.base_logprob is not None:
+        metrics["high_ppl_10"] = fraction(signals.base_logprob < jnp.log(0.1))
+        metrics["high_ppl_100"] = fraction(signals.base_logprob < jnp.log(0.01))
+    confidence_known = (signals.trainee_logprob if config.selection.confidence_model == "current"
+                        else signals.base_logprob) is not None
+    if confidence_known:
+        groups = selection.categories(signals, config.selection)
+        metrics.update({name: fraction(groups[name]) for name in ("aligned", "correction", "drift")})
+        metrics["tau"] = groups["tau"]
+    return metrics
+
+
+def _loss_and_metrics_fn(config: Any, cfg: model.ModelConfig):
+    """(params, base_params, batch, rng) -> (loss, grads | None, metrics) for one whole batch."""
+    base_cfg = base_config(config, cfg)
+    rule = config.selection.rule
+
+    def signals_and_weights(params, base_params, micro, rng):
+        signals = jax.lax.map(lambda mb: _signals(config, cfg, base_cfg, params, base_params, mb),
+                              micro)
+        weights = selection.select(rule, signals, config.selection, rng)
+        if config.train.loss_normalization == "selected":
+            normalizer = jnp.sum(weights)
+        else:
+            normalizer = jnp.sum(signals.loss_mask).astype(jnp.float32)
+        return signals, weights, normalizer
+
+    def micro_loss(params, micro, weights, normalizer):
+        logprob = _target_stats(cfg, params, micro, config.train.loss_chunk, ("logprob",))["logprob"]
+        response_logprob = jnp.sum(jnp.where(micro["loss_mask"], logprob, 0.0))
+        return losses.masked_cross_entropy(logprob, weights, normalizer), response_logprob
+
+    return signals_and_weights, micro_loss
+
+
+def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
+    """`train_step(state, base_params, batch) -> (state, metrics)`, jitted on `mesh`.
+
+    batch: dict of [B, T] arrays (`data.Batches` output: tokens, targets, loss_mask, ref_logprob,
+    base_logprob, base_top1); base_params: `make_base_params(...)` (None when unused). The state
+    is donated. metrics: float32 scalars (loss, response_nll, kept_ratio, high_ppl_10/100,
+    aligned / correction / drift fractions, tau, grad_norm, learning_rate, response_tokens).
+    """
+    selection.validate(config.selection)
+    cfg = trainee_config(config, cfg)
+    tx = make_optimizer(config.train)
+    schedule = learning_rate_schedule(config.train)
+    signals_and_weights, micro_loss = _loss_and_metrics_fn(config, cfg)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, base_params, batch):
+        micro = _micro_batches({k: batch[k] for k in BATCH_KEYS}, config.train.micro_batches)
+        rng = jax.random.fold_in(state.rng, state.step)
+        signals, weights, normalizer = signals_and_weights(state.params, base_params, micro, rng)
+
+        def accumulate(carry, xs):
+            loss_sum, logprob_sum, grad_sum = carry
+            (loss, logprob), grads = grad_fn(state.params, xs[0], xs[1], normalizer)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (loss_sum + loss, logprob_sum + logprob, grad_sum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, logprob_sum, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (micro, weights))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        metrics = _selection_metrics(config, signals, weights)
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                       learning_rate=schedule(state.step),
+                       response_nll=-logprob_sum / jnp.maximum(metrics["response_tokens"], 1))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return _jit_on_mesh(train_step, config, cfg, mesh, donate_state=True)
+
+
+def make_eval_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
+    """`eval_step(state, base_params, batch) -> metrics`: the train step's loss and selection
+    metrics on a batch, without an update (the random rule uses a fixed key)."""
+    selection.validate(config.selection)
+    cfg = trainee_config(config, cfg)
+    signals_and_weights, micro_loss = _loss_and_metrics_fn(config, cfg)
+
+    def eval_step(state: TrainState, base_params, batch):
+        micro = _micro_batches({k: batch[k] for k in BATCH_KEYS}, config.train.micro_batches)
+        signals, weights, normalizer = signals_and_weights(
+            state.params, base_params, micro, jax.random.PRNGKey(0))
+        losses_and_logprobs = jax.lax.map(
+            lambda xs: micro_loss(state.params, xs[0], xs[1], normalizer), (micro, weights))
+        metrics = _selection_metrics(config, signals, weights)
+        metrics.update(loss=jnp.sum(losses_and_logprobs[0]),
+                       response_nll=-jnp.sum(losses_and_logprobs[1])
+                       / jnp.maximum(metrics["response_tokens"], 1))
+        return metrics
+
+    return _jit_on_mesh(eval_step, config, cfg, mesh, donate_state=False)
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """The step's inputs from a host batch (every process holds it whole): each [B, T] array
+    split over the mesh's batch axes."""
+    return {key: sharding.place(batch[key], sharding.batch_sharding(mesh)) for key in BATCH_KEYS}
+
+
+def _jit_on_mesh(fn, config, cfg, mesh, *, donate_state: bool):
+    base_shardings = (sharding.param_shardings(base_config(config, cfg), mesh, config.mesh.rules)
+                      if uses_base_model(config) else None)
+    batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
+    state = state_shardings(config, cfg, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    outputs = (state, replicated) if donate_state else replicated
+    return sharding.MeshJit(
+        fn, mesh, config.mesh.rules, in_shardings=(state, base_shardings, batch_shardings),
+        out_shardings=outputs, donate_argnums=(0,) if donate_state else (),
+    )

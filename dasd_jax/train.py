@@ -1,0 +1,279 @@
+"""Stage 2: `python -m dasd_jax.train --config=configs/math.py[:variant] [--config.a.b=value]`.
+
+Loads the model (an HF checkpoint, or a random one for offline runs), keeps a frozen copy as the
+base, and runs `step.make_train_step` over the data, with checkpoints every
+`checkpoint.every` steps (resuming from the latest one in `workdir`), metrics in
+`{workdir}/metrics.jsonl` and TensorBoard, evaluation, and a final HF export to `{workdir}/hf`.
+`--config.dry_run=True` prints the parameter count and the compiled step's memory per device for
+the configured mesh without loading weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from dasd_jax import char_tokenizer, checkpoint, data, hf, metrics, model, sharding, step
+from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
+
+LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
+          "tokens_per_s", "mfu")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. configs/math.py:tiny",
+                                          lock_config=True)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def load_model(config: Any, mesh):
+    """(cfg, params, tokenizer): from `model.path`, or random from `model.random`."""
+    if config.model.path:
+        try:
+            cfg, params = hf.load(config.model.path, dtype=config.model.param_dtype, mesh=mesh,
+                                  rules=config.mesh.rules)
+            tokenizer = hf.load_tokenizer(config.model.path, cfg)
+        except CheckpointError as error:
+            raise CheckpointError(f"--config.model.path: {error}") from None
+        return cfg, params, tokenizer
+    tokenizer = char_tokenizer.build()
+    cfg = random_model_config(config, tokenizer)
+    init = jax.jit(model.init, static_argnums=0,
+                   out_shardings=sharding.param_shardings(cfg, mesh, config.mesh.rules))
+    return cfg, init(cfg, jax.random.key(config.seed)), tokenizer
+
+
+def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
+    return model.ModelConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+        param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
+        **config.model.random.to_dict(),
+    )
+
+
+def model_config_only(config: Any) -> model.ModelConfig:
+    """The ModelConfig without reading any weights (for dry runs)."""
+    if not config.model.path:
+        return random_model_config(config, char_tokenizer.build())
+    try:
+        directory = hf.resolve(config.model.path)
+    except CheckpointError as error:
+        raise CheckpointError(f"--config.model.path: {error}") from None
+    return hf.config_from_hf(hf.read_config(directory), config.model.param_dtype)
+
+
+def load_examples(config: Any, tokenizer, *, evaluation: bool):
+    path = config.data.eval_path if evaluation else config.data.path
+    if not path:
+        if evaluation:
+            return None
+        raise UserError("--config.data.path is required (a JSONL file, a save_to_disk dataset, "
+                        "hf:NAME[:CONFIG] or 'generated')")
+    records = data.load_records(
+        path, config.data.eval_split if evaluation else config.data.split, config.data.fields,
+        generated_examples=(config.data.generated_eval_examples if evaluation
+                            else config.data.generated_examples),
+        seed=config.seed + (1 if evaluation else 0), target=config.data.target,
+    )
+    examples, _ = data.tokenize(records, tokenizer, config.data)
+    if config.train.base_confidence == "cached":
+        data.check_cached_base_signals(examples)
+    return examples
+
+
+def validate(config: Any) -> None:
+    if not config.workdir:
+        raise UserError("--config.workdir is required: where checkpoints, metrics.jsonl and the "
+                        "HF export go")
+    if config.train.base_confidence not in ("model", "cached"):
+        raise UserError("--config.train.base_confidence must be 'model' or 'cached'")
+    if config.train.loss_normalization not in ("selected", "response"):
+        raise UserError("--config.train.loss_normalization must be 'selected' or 'response'")
+    if max(config.data.buckets) < config.data.max_seq_len:
+        raise UserError(f"--config.data.buckets {tuple(config.data.buckets)} must include a length "
+                        f">= --config.data.max_seq_len={config.data.max_seq_len}")
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+def abstract_inputs(config: Any, cfg: model.ModelConfig, mesh):
+    """ShapeDtypeStructs (with shardings) of the train step's inputs at the largest bucket."""
+    trainee = step.trainee_config(config, cfg)
+    shardings = step.state_shardings(config, cfg, mesh)
+    params = model.param_shapes(trainee)
+    opt_state = jax.eval_shape(step.make_optimizer(config.train).init, params)
+    state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                            opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
+    base = None
+    if step.uses_base_model(config):
+        base_cfg = step.base_config(config, cfg)
+        base = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            model.param_shapes(base_cfg),
+                            sharding.param_shardings(base_cfg, mesh, config.mesh.rules))
+    shape = (config.train.batch_size, max(config.data.buckets))
+    batch_sharding = sharding.batch_sharding(mesh)
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_}
+    batch = {key: jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.float32), sharding=batch_sharding)
+             for key in step.BATCH_KEYS}
+    return state, base, batch
+
+
+def dry_run(config: Any, mesh) -> dict:
+    """Compiles the step ahead of time and reports its memory per device."""
+    cfg = model_config_only(config)
+    train_step = step.make_train_step(config, cfg, mesh)
+    compiled = train_step.lower(*abstract_inputs(config, cfg, mesh)).compile()
+    memory = compiled.memory_analysis()
+    gib = 2.0 ** 30
+    report = {
+        "params": cfg.num_params,
+        "mesh": dict(mesh.shape),
+        "batch": [config.train.batch_size, max(config.data.buckets)],
+        "argument_gib": memory.argument_size_in_bytes / gib,
+        "output_gib": memory.output_size_in_bytes / gib,
+        "temp_gib": memory.temp_size_in_bytes / gib,
+        "alias_gib": memory.alias_size_in_bytes / gib,
+    }
+    report["peak_gib_per_device"] = (report["argument_gib"] + report["output_gib"]
+                                     + report["temp_gib"] - report["alias_gib"])
+    print(f"model        {cfg.model_type}, {cfg.num_params:,} parameters")
+    print(f"mesh         {dict(mesh.shape)} on {mesh.devices.size} × {jax.devices()[0].device_kind}")
+    print(f"step         batch {report['batch'][0]} × {report['batch'][1]} tokens, rule "
+          f"{config.selection.rule}, micro-batches {config.train.micro_batches}")
+    print(f"memory/device  arguments {report['argument_gib']:.3f} GiB, temporaries "
+          f"{report['temp_gib']:.3f} GiB, outputs {report['output_gib']:.3f} GiB "
+          f"(aliased {report['alias_gib']:.3f}), peak ≈ {report['peak_gib_per_device']:.3f} GiB")
+    return report
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def evaluate(config, eval_step, state, base_params, examples, mesh) -> dict[str, float]:
+    """Mean of eval_step metrics over `train.eval_batches` fixed batches of `examples`."""
+    batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
+                           pad_id=0)
+    results = [metrics.fetch_numbers(eval_step(state, base_params,
+                                               step.place_batch(next(batches), mesh)))
+               for _ in range(config.train.eval_batches)]
+    return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+def train(config: Any) -> dict[str, float]:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    if config.dry_run:
+        return dry_run(config, mesh)
+    workdir = Path(config.workdir).expanduser()
+    primary = jax.process_index() == 0
+    cfg, params, tokenizer = load_model(config, mesh)
+    examples = load_examples(config, tokenizer, evaluation=False)
+    eval_examples = load_examples(config, tokenizer, evaluation=True)
+
+    base_params = step.make_base_params(config, cfg, params, mesh)
+    state = step.init_train_state(config, cfg, params, mesh)
+    del params
+    checkpoints = checkpoint.Checkpointer(workdir, every=config.checkpoint.every,
+                                          max_to_keep=config.checkpoint.max_to_keep,
+                                          async_save=config.checkpoint.async_save)
+    data_state = None
+    if checkpoints.latest_step() is not None:
+        state, data_state = checkpoints.restore(state)
+        absl_logging.warning("resumed from step %d", int(state.step))
+    start = int(state.step)
+    batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
+                           pad_id=cfg.pad_token_id or 0, state=data_state)
+    train_step = step.make_train_step(config, cfg, mesh)
+    eval_step = step.make_eval_step(config, cfg, mesh) if eval_examples else None
+
+    trainee = step.trainee_config(config, cfg)
+    flops = metrics.step_flops(trainee, config.train.batch_size, max(config.data.buckets),
+                               base_forward=step.uses_base_model(config))
+    throughput = metrics.Throughput(flops, jax.device_count(),
+                                    metrics.peak_flops_per_device(jax.devices()[0].device_kind))
+    writer = metrics.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard,
+                                   enabled=primary, resume_step=start)
+    progress = metrics.ProgressBar(config.train.steps, initial=start,
+                                   enabled=primary and config.metrics.progress_bar)
+    preemption = checkpoint.PreemptionFlag()
+    last: dict[str, float] = {}
+    steps_since_log = tokens_since_log = 0
+    started = time.perf_counter()
+    try:
+        for current in range(start, config.train.steps):
+            batch = next(batches)
+            state, step_metrics = train_step(state, base_params, step.place_batch(batch, mesh))
+            done = current + 1
+            if current == start:  # leave compilation out of the throughput
+                jax.block_until_ready(state)
+                throughput.reset()
+            else:
+                steps_since_log += 1
+                tokens_since_log += int(batch["tokens"].size)
+            if done % config.train.log_every == 0 or done == config.train.steps:
+                last = metrics.fetch_numbers(step_metrics)
+                last.update(throughput.measure(steps_since_log, tokens_since_log))
+                steps_since_log = tokens_since_log = 0
+                writer.write(done, last)
+                progress.update(done, loss=last["loss"], kept=last["kept_ratio"])
+                if primary and not progress.active:
+                    shown = {k: last[k] for k in LOGGED if k in last}
+                    print(metrics.format_log_line(done, config.train.steps, shown,
+                                                  elapsed_s=time.perf_counter() - started,
+                                                  start_step=start), flush=True)
+            if eval_step and config.train.eval_every and done % config.train.eval_every == 0:
+                writer.write(done, evaluate(config, eval_step, state, base_params,
+                                            eval_examples, mesh))
+            checkpoints.save(done, state, batches.state)
+            if preemption.requested():
+                checkpoints.save(done, state, batches.state, force=True)
+                checkpoints.wait()
+                absl_logging.warning("preempted: saved step %d, exiting", done)
+                return last
+        final_step = int(state.step)
+        if checkpoints.latest_step() != final_step:
+            checkpoints.save(final_step, state, batches.state, force=True)
+        if eval_step:
+            results = evaluate(config, eval_step, state, base_params, eval_examples, mesh)
+            writer.write(final_step, results)
+            last.update(results)
+        if config.checkpoint.export:
+            hf.save(workdir / "hf", trainee, state.params, tokenizer=tokenizer,
+                    dtype=config.checkpoint.export_dtype)
+    finally:
+        preemption.close()
+        progress.close()
+        writer.close()
+        checkpoints.close()
+    return last
+
+
+@exit_on_user_error
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; settings go in --config.a.b=value")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    config = _CONFIG.value
+    if config is None:
+        raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
+    started = time.time()
+    train(config)
+    if jax.process_index() == 0 and not config.dry_run:
+        print(f"done in {time.time() - started:.0f} s; workdir {config.workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,134 @@
+"""The jitted train step: same results on every mesh, with micro-batches, for every rule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dasd_jax import config_defaults, model, selection, sharding, step
+
+CFG = model.ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+BATCH, LENGTH = 8, 24
+
+
+def make_config(rule="dasd", **train):
+    config = config_defaults.base_config()
+    config.model.compute_dtype = "float32"
+    config.train.update(steps=20, warmup_steps=2, batch_size=BATCH, learning_rate=1e-2,
+                        loss_chunk=8, base_dtype="float32", **train)
+    config.selection.update(rule=rule, tau_quantile=0.5, tau_min=0.0)
+    return config
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+    prompt = rng.integers(3, 10, (BATCH, 1))
+    length = rng.integers(15, LENGTH, (BATCH, 1))
+    position = np.arange(LENGTH)[None]
+    ref = np.where(rng.uniform(size=(BATCH, LENGTH)) < 0.5, np.log(rng.uniform(size=(BATCH, LENGTH))), np.nan)
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
+            "loss_mask": (position >= prompt) & (position < length - 1),
+            "ref_logprob": ref.astype(np.float32),
+            "base_logprob": np.full((BATCH, LENGTH), np.nan, np.float32),
+            "base_top1": np.full((BATCH, LENGTH), np.nan, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def initial_params():
+    return model.init(CFG, jax.random.key(0))
+
+
+def run_steps(config, params, mesh, steps=3):
+    state = step.init_train_state(config, CFG, params, mesh)
+    base = step.make_base_params(config, CFG, params, mesh)
+    train_step = step.make_train_step(config, CFG, mesh)
+    history = []
+    for i in range(steps):
+        state, metrics = train_step(state, base, step.place_batch(make_batch(i), mesh))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def single_device_run(initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    return run_steps(make_config(), initial_params, mesh)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_every_mesh_gives_the_single_device_losses_and_params(shape, initial_params,
+                                                              single_device_run):
+    expected_state, expected_history = single_device_run
+    state, history = run_steps(make_config(), initial_params, sharding.make_mesh(shape))
+    for got, expected in zip(history, expected_history):
+        for name in ("loss", "kept_ratio", "grad_norm", "aligned", "correction"):
+            np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 jax.device_get(state.params), jax.device_get(expected_state.params))
+    q_kernel = state.params["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert len({s.device for s in q_kernel.addressable_shards}) == 8
+
+
+def test_micro_batches_change_memory_not_results(initial_params, single_device_run):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    state, history = run_steps(make_config(micro_batches=4), initial_params, mesh)
+    expected_state, expected_history = single_device_run
+    for got, expected in zip(history, expected_history):
+        np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 jax.device_get(state.params), jax.device_get(expected_state.params))
+
+
+@pytest.mark.parametrize("rule", selection.RULES)
+def test_every_rule_trains_and_reports_its_metrics(rule, initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    state, history = run_steps(make_config(rule), initial_params, mesh, steps=2)
+    metrics = history[-1]
+    assert int(state.step) == 2 and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert 0 < metrics["kept_ratio"] <= 1
+    if "base" in selection.needs(rule, make_config(rule).selection):
+        assert {"high_ppl_10", "high_ppl_100", "aligned", "correction", "drift"} <= set(metrics)
+        np.testing.assert_allclose(metrics["aligned"] + metrics["correction"] + metrics["drift"], 1,
+                                   rtol=1e-6)
+
+
+def test_sft_skips_the_base_forward(initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    assert step.make_base_params(make_config("all"), CFG, initial_params, mesh) is None
+    assert step.make_base_params(make_config("dasd"), CFG, initial_params, mesh) is not None
+
+
+def test_cached_base_confidence_is_read_from_the_batch(initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    config = make_config("dasd", base_confidence="cached")
+    config.selection.tau_quantile = None
+    assert step.make_base_params(config, CFG, initial_params, mesh) is None
+    batch = make_batch()
+    confident = np.zeros_like(batch["base_logprob"])  # b = 1 everywhere: all aligned
+    batch.update(base_logprob=confident, base_top1=np.ones_like(confident))
+    state = step.init_train_state(config, CFG, initial_params, mesh)
+    _, metrics = step.make_train_step(config, CFG, mesh)(state, None, step.place_batch(batch, mesh))
+    assert float(metrics["aligned"]) == 1.0 and float(metrics["kept_ratio"]) == 1.0
+
+
+def test_nothing_selected_gives_zero_loss_and_no_update(initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    config = make_config("ppl_filter")
+    config.selection.update(tau_quantile=None, tau=1.0)
+    state, history = run_steps(config, initial_params, mesh, steps=1)
+    assert float(history[0]["loss"]) == 0.0 and float(history[0]["kept_ratio"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+                 jax.device_get(initial_params))
+
+
+def test_eval_step_reports_the_train_step_loss_without_updating(initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    config = make_config("dasd")
+    state = step.init_train_state(config, CFG, initial_params, mesh)
+    base = step.make_base_params(config, CFG, initial_params, mesh)
+    batch = step.place_batch(make_batch(), mesh)
+    evaluated = step.make_eval_step(config, CFG, mesh)(state, base, batch)
+    _, trained = step.make_train_step(config, CFG, mesh)(state, base, batch)
+    np.testing.assert_allclose(evaluated["loss"], trained["loss"], rtol=1e-6)
