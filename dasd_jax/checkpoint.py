@@ -66,7 +66,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or `force`); returns whether it saved."""
+        """Saves when `step` is on the interval (or `force`) and not saved yet; returns whether
+        it saved."""
+        if step in self.manager.all_steps():
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state))
         return self.manager.save(step, args=args, force=force)

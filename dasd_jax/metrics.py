@@ -226,11 +226,13 @@ class Throughput:
     def reset(self) -> None:
         self._last = self._clock()
 
-    def measure(self, steps: int, tokens: int) -> dict[str, float]:
+    def measure(self, steps: int, tokens: int, flops: float | None = None) -> dict[str, float]:
         """Rates for `steps` steps and `tokens` tokens done since the previous call.
 
-        Returns tokens_per_s, tokens_per_s_per_device, steps_per_s and, when flops_per_step is
-        known, tflops_per_s_per_device and (with a known peak) mfu, a fraction of peak.
+        flops: the FLOPs of those steps when they differ from step to step (e.g. length buckets);
+        default steps * flops_per_step. Returns tokens_per_s, tokens_per_s_per_device,
+        steps_per_s and, when FLOPs are known, tflops_per_s_per_device and (with a known peak)
+        mfu, a fraction of peak.
         """
         now = self._clock()
         elapsed, self._last = now - self._last, now
@@ -239,8 +241,10 @@ class Throughput:
         rates = {"tokens_per_s": tokens / elapsed,
                  "tokens_per_s_per_device": tokens / elapsed / self.num_devices,
                  "steps_per_s": steps / elapsed}
-        if self.flops_per_step:
-            flops_per_device = self.flops_per_step * steps / elapsed / self.num_devices
+        if flops is None and self.flops_per_step:
+            flops = self.flops_per_step * steps
+        if flops:
+            flops_per_device = flops / elapsed / self.num_devices
             rates["tflops_per_s_per_device"] = flops_per_device / 1e12
             if self.peak_flops:
                 rates["mfu"] = flops_per_device / self.peak_flops

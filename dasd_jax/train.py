@@ -21,7 +21,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dasd_jax import char_tokenizer, checkpoint, data, hf, metrics, model, sharding, step
+from dasd_jax import (char_tokenizer, checkpoint, data, hf, metrics, model, selection, sharding,
+                      step)
 from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
@@ -199,17 +200,19 @@ def train(config: Any) -> dict[str, float]:
     eval_step = step.make_eval_step(config, cfg, mesh) if eval_examples else None
 
     trainee = step.trainee_config(config, cfg)
-    flops = metrics.step_flops(trainee, config.train.batch_size, max(config.data.buckets),
-                               base_forward=step.uses_base_model(config))
-    throughput = metrics.Throughput(flops, jax.device_count(),
-                                    metrics.peak_flops_per_device(jax.devices()[0].device_kind))
+    extra_forward = "trainee" in selection.needs(config.selection.rule, config.selection)
+    batch_flops = lambda batch: metrics.step_flops(  # noqa: E731
+        trainee, *batch["tokens"].shape, base_forward=step.uses_base_model(config),
+        extra_trainee_forward=extra_forward)
+    throughput = metrics.Throughput(None, jax.device_count(), metrics.peak_flops_per_device(
+        jax.devices()[0].device_kind, trainee.dtype))
     writer = metrics.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard,
                                    enabled=primary, resume_step=start)
     progress = metrics.ProgressBar(config.train.steps, initial=start,
                                    enabled=primary and config.metrics.progress_bar)
     preemption = checkpoint.PreemptionFlag()
     last: dict[str, float] = {}
-    steps_since_log = tokens_since_log = 0
+    steps_since_log = tokens_since_log = flops_since_log = 0
     started = time.perf_counter()
     try:
         for current in range(start, config.train.steps):
@@ -222,10 +225,11 @@ def train(config: Any) -> dict[str, float]:
             else:
                 steps_since_log += 1
                 tokens_since_log += int(batch["tokens"].size)
+                flops_since_log += batch_flops(batch)
             if done % config.train.log_every == 0 or done == config.train.steps:
                 last = metrics.fetch_numbers(step_metrics)
-                last.update(throughput.measure(steps_since_log, tokens_since_log))
-                steps_since_log = tokens_since_log = 0
+                last.update(throughput.measure(steps_since_log, tokens_since_log, flops_since_log))
+                steps_since_log = tokens_since_log = flops_since_log = 0
                 writer.write(done, last)
                 progress.update(done, loss=last["loss"], kept=last["kept_ratio"])
                 if primary and not progress.active:
@@ -243,8 +247,7 @@ def train(config: Any) -> dict[str, float]:
                 absl_logging.warning("preempted: saved step %d, exiting", done)
                 return last
         final_step = int(state.step)
-        if checkpoints.latest_step() != final_step:
-            checkpoints.save(final_step, state, batches.state, force=True)
+        checkpoints.save(final_step, state, batches.state, force=True)
         if eval_step:
             results = evaluate(config, eval_step, state, base_params, eval_examples, mesh)
             writer.write(final_step, results)

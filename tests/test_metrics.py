@@ -219,3 +219,11 @@ def test_a_disabled_progress_bar_stays_off_even_on_a_terminal():
     bar.update(5, loss=1.0)
     bar.close()
     assert not bar.active and terminal.getvalue() == ""
+
+
+def test_throughput_uses_the_flops_it_is_given_for_steps_of_different_lengths():
+    times = iter([0.0, 2.0])
+    speed = metrics.Throughput(flops_per_step=1e12, num_devices=2, peak_flops=1e12,
+                               clock=lambda: next(times))
+    rates = speed.measure(steps=4, tokens=100, flops=6e12)  # not 4 * 1e12
+    assert rates["tflops_per_s_per_device"] == 1.5 and rates["mfu"] == 1.5

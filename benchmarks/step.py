@@ -1,0 +1,102 @@
+"""SFT (`all`) and DASD train steps timed side by side in one run.
+
+    python benchmarks/step.py --shape=tiny                                        # CPU
+    python benchmarks/step.py --shape=llama-3.2-1b --seq_len=2048 --batch=8 \\
+        --compute_dtype=bfloat16 --remat_policy=dots_no_batch                      # GPU
+
+Both steps are the real `step.make_train_step` (random params, random tokens with a 25% prompt);
+`dasd` adds the frozen base forward. Prints one JSON line per rule and the DASD/SFT time ratio.
+Record results in benchmarks/RESULTS.md with the date, device, jax version and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from dasd_jax import config_defaults, metrics, model, sharding, step
+from forward import SHAPES
+
+
+def make_batch(cfg: model.ModelConfig, batch: int, seq_len: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
+    nan = np.full((batch, seq_len), np.nan, np.float32)
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
+            "loss_mask": np.arange(seq_len)[None].repeat(batch, 0) >= seq_len // 4,
+            "ref_logprob": nan, "base_logprob": nan, "base_top1": nan}
+
+
+def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
+    config = config_defaults.base_config()
+    config.model.update(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                        remat_policy=args.remat_policy, attention_impl=args.attention_impl)
+    config.train.update(steps=1000, warmup_steps=10, batch_size=args.batch,
+                        micro_batches=args.micro_batches, loss_chunk=args.loss_chunk,
+                        base_dtype=args.base_dtype)
+    config.selection.rule = rule
+    state = step.init_train_state(config, cfg, params, mesh)
+    base = step.make_base_params(config, cfg, params, mesh)
+    train_step = step.make_train_step(config, cfg, mesh)
+    batch = step.place_batch(make_batch(cfg, args.batch, args.seq_len), mesh)
+
+    start = time.perf_counter()
+    state, out = train_step(state, base, batch)
+    jax.block_until_ready(out)
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, out = train_step(state, base, batch)
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - start) / args.steps
+
+    trainee = step.trainee_config(config, cfg)
+    flops = metrics.step_flops(trainee, args.batch, args.seq_len,
+                               base_forward=step.uses_base_model(config))
+    peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, trainee.dtype)
+    tokens = args.batch * args.seq_len
+    return {
+        "rule": rule, "shape": args.shape, "params": cfg.num_params, "batch": args.batch,
+        "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
+        "remat_policy": args.remat_policy, "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(), "jax": jax.__version__,
+        "compile_s": round(compile_seconds, 2), "step_ms": round(seconds * 1e3, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "tflops_per_s_per_device": round(flops / seconds / 1e12 / jax.device_count(), 3),
+        "mfu": None if peak is None else round(flops / seconds / jax.device_count() / peak, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--param_dtype", default="float32")
+    parser.add_argument("--compute_dtype", default="float32")
+    parser.add_argument("--base_dtype", default="bfloat16")
+    parser.add_argument("--remat_policy", default="none", choices=model.REMAT_POLICIES)
+    parser.add_argument("--attention_impl", default="auto", choices=model.ATTENTION_IMPLS)
+    parser.add_argument("--micro_batches", type=int, default=1)
+    parser.add_argument("--loss_chunk", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    mesh = sharding.make_mesh((1, -1, 1))
+    cfg = SHAPES[args.shape].replace(param_dtype=args.param_dtype)
+    init = jax.jit(model.init, static_argnums=0,
+                   out_shardings=sharding.param_shardings(cfg, mesh))
+    params = init(cfg, jax.random.key(0))
+    results = {rule: time_rule(rule, args, cfg, params, mesh) for rule in ("all", "dasd")}
+    for result in results.values():
+        print(json.dumps(result))
+    print(json.dumps({"dasd_over_sft_time": round(
+        results["dasd"]["step_ms"] / results["all"]["step_ms"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
