@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -178,16 +178,55 @@ def _attention_implementation(cfg: ModelConfig) -> str:
     return "cudnn" if cudnn_ok else "xla"
 
 
-def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """Causal (optionally sliding-window, optionally segment-masked) GQA attention.
+def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None,
+              causal: bool = True) -> Array:
+    """GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, 1, T, S] or None.
 
-    q: [B, T, N, H]; k, v: [B, T, K, H]; mask: bool[B, 1, T, T] or None.  Returns [B, T, N, H].
+    causal=True (training, S == T): causal, sliding-window when the model has one, and `mask` on
+    top (packed segments). causal=False (KV-cache decoding): `mask` alone decides (see
+    `cache_mask`). Returns [B, T, N, H].
     """
+    if not causal:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, local_window_size=window,
         implementation=_attention_implementation(cfg),
     )
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for decoding; slot s of every row is one token.
+
+    keys, values: [L, B, S, K, H]; valid: bool[B, S], slot holds a real (not padding) token;
+    index: int32[], the next slot to write (the same for every row: prompts are left-padded).
+    """
+
+    keys: Array
+    values: Array
+    valid: Array
+    index: Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `length` tokens, in cfg.dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def cache_mask(cfg: ModelConfig, valid: Array, index: Array, length: int) -> Array:
+    """bool[B, 1, T, S]: query i (slot index + i) sees valid key slots <= its own slot (and within
+    the sliding window). valid: bool[B, S] after writing the T new tokens."""
+    query_slots = index + jnp.arange(length)[:, None]
+    key_slots = jnp.arange(valid.shape[1])[None, :]
+    allowed = key_slots <= query_slots
+    if cfg.sliding_window is not None:
+        allowed &= query_slots - key_slots < cfg.sliding_window
+    return (allowed[None] & valid[:, None, :])[:, None]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -256,7 +295,9 @@ class SelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None, index=None,
+                 layer_cache: tuple[Array, Array] | None = None):
+        """Returns (output, updated (keys, values) of this layer or None without a cache)."""
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = _dense(cfg, (n, h), 1, cfg.qkv_bias, ("embed", "heads", "head_dim"),
@@ -271,9 +312,17 @@ class SelfAttention(nn.Module):
                           name="k_norm")(key)
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-        out = attention(cfg, q, key, value, mask)
+        if layer_cache is None:
+            out = attention(cfg, q, key, value, mask)
+        else:
+            cache_axes = ("act_batch", None, "act_kv_heads", None)
+            key, value = (nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(
+                cached, new.astype(cached.dtype), index, axis=1), cache_axes)
+                for cached, new in zip(layer_cache, (key, value)))
+            layer_cache = (key, value)
+            out = attention(cfg, q, key.astype(q.dtype), value.astype(q.dtype), mask, causal=False)
         return _dense(cfg, cfg.hidden_size, 2, cfg.out_bias, ("heads", "head_dim", "embed"),
-                      ("embed",), "o_proj")(out)
+                      ("embed",), "o_proj")(out), layer_cache
 
 
 class MLP(nn.Module):
@@ -295,15 +344,18 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None):
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None, index=None,
+                 layer_cache=None):
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         normed = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="input_layernorm")(x)
-        x = x + SelfAttention(cfg, name="self_attn")(normed, cos, sin, mask)
+        attended, layer_cache = SelfAttention(cfg, name="self_attn")(
+            normed, cos, sin, mask, index, layer_cache)
+        x = x + attended
         normed = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype,
                          name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(normed)
-        return x, None
+        return x, layer_cache
 
 
 _REMAT_POLICIES = {
@@ -319,7 +371,7 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
         layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     return nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -348,9 +400,18 @@ class Decoder(nn.Module):
             )
         mask = None if segment_ids is None else segment_mask(segment_ids)
         cos, sin = rope_tables(self.cfg, positions)
-        x = self.embed_tokens(tokens)
-        x, _ = self.layers(x, cos, sin, mask)
+        x, _ = self.layers(self.embed_tokens(tokens), cos, sin, mask, None, None)
         return self.norm(x)
+
+    def cached(self, tokens, positions, token_valid, cache: KVCache):
+        """(hidden [B, T, D], cache) for T new tokens written at slots cache.index onward."""
+        length = tokens.shape[1]
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, axis=1)
+        mask = cache_mask(self.cfg, valid, cache.index, length)
+        cos, sin = rope_tables(self.cfg, positions)
+        x, (keys, values) = self.layers(self.embed_tokens(tokens), cos, sin, mask, cache.index,
+                                        (cache.keys, cache.values))
+        return self.norm(x), KVCache(keys, values, valid, cache.index + length)
 
     def unembed(self, hidden):
         if self.cfg.tie_word_embeddings:
@@ -406,6 +467,18 @@ def output_embedding(cfg: ModelConfig, params: PyTree) -> Array:
     if cfg.tie_word_embeddings:
         return params["embed_tokens"]["embedding"].T
     return params["lm_head"]["kernel"]
+
+
+def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array,
+                   token_valid: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Logits dtype[B, T, V] of T new tokens attending to the cache, and the updated cache.
+
+    tokens, positions: int32[B, T]; token_valid: bool[B, T] (False for left padding, which no
+    later token attends to). The new keys and values go to slots cache.index ... + T - 1.
+    """
+    hidden, cache = Decoder(cfg).apply({"params": params}, tokens, positions, token_valid, cache,
+                                       method=Decoder.cached)
+    return unembed(cfg, params, hidden), cache
 
 
 def forward(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,

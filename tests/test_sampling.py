@@ -1,0 +1,148 @@
+"""KV-cache decoding equals transformers' generate, batching changes nothing, co-decoding's limits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from dasd_jax import hf, model, sampling, sharding
+from tests import tiny_models
+
+PROMPT_LENGTHS = (5, 23, 11)
+NEW = 20
+
+
+def prompts_for(seed=0):
+    return [list(map(int, tiny_models.random_tokens(1, n, seed=seed + n)[0])) for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("variant", sorted(tiny_models.VARIANTS))
+def test_greedy_decoding_of_a_mixed_length_batch_equals_transformers_generate(variant, checkpoint_dir):
+    directory = checkpoint_dir(variant)
+    cfg, params = hf.load(directory)
+    prompts = prompts_for()
+    decoded = sampling.generate(cfg, params, prompts, sampling.Settings(max_new_tokens=NEW))
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(directory), attn_implementation="eager").eval()
+    for prompt, result in zip(prompts, decoded):
+        with torch.no_grad():
+            expected = torch_model.generate(torch.tensor([prompt]), max_new_tokens=NEW,
+                                            do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert result.tokens == expected[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen3(checkpoint_dir):
+    return hf.load(checkpoint_dir("qwen3"))
+
+
+def test_a_batch_of_mixed_lengths_equals_each_prompt_decoded_alone(qwen3):
+    cfg, params = qwen3
+    settings = sampling.Settings(max_new_tokens=NEW)
+    together = sampling.generate(cfg, params, prompts_for(), settings)
+    for prompt, result in zip(prompts_for(), together):
+        alone = sampling.generate(cfg, params, [prompt], settings)[0]
+        assert result.tokens == alone.tokens
+        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_recorded_logprobs_equal_a_teacher_forced_forward(qwen3):
+    cfg, params = qwen3
+    prompts = prompts_for()
+    settings = sampling.Settings(max_new_tokens=NEW, temperature=1.0, top_k=20)
+    for prompt, result in zip(prompts, sampling.generate(cfg, params, prompts, settings,
+                                                         jax.random.PRNGKey(7))):
+        sequence = jnp.asarray([prompt + result.tokens])
+        log_probs = jax.nn.log_softmax(jax.jit(model.forward, static_argnums=0)(
+            cfg, params, sequence)[0], -1)
+        forced = [float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(result.tokens)]
+        np.testing.assert_allclose(result.logprobs, forced, atol=1e-4)
+
+
+def test_decoding_stops_at_any_end_of_sequence_id(qwen3):
+    cfg, params = qwen3
+    prompt = prompts_for()[1]
+    free = sampling.generate(cfg, params, [prompt], sampling.Settings(max_new_tokens=NEW))[0]
+    stop = free.tokens[6]
+    first = free.tokens.index(stop)
+    stopped = sampling.generate(cfg, params, [prompt], sampling.Settings(
+        max_new_tokens=NEW, eos_ids=(9999, stop)))[0]
+    assert stopped.tokens == free.tokens[:first + 1] and stopped.finished
+    assert not free.finished and len(free.tokens) == NEW
+
+
+def test_sampling_is_reproducible_and_respects_top_k(qwen3):
+    cfg, params = qwen3
+    settings = sampling.Settings(max_new_tokens=NEW, temperature=1.0, top_k=3)
+    first = sampling.generate(cfg, params, prompts_for(), settings, jax.random.PRNGKey(1))
+    again = sampling.generate(cfg, params, prompts_for(), settings, jax.random.PRNGKey(1))
+    other = sampling.generate(cfg, params, prompts_for(), settings, jax.random.PRNGKey(2))
+    assert [r.tokens for r in first] == [r.tokens for r in again] != [r.tokens for r in other]
+    for prompt, result in zip(prompts_for(), first):
+        logits = model.forward(cfg, params, jnp.asarray([prompt + result.tokens]))[0]
+        for i, token in enumerate(result.tokens):
+            top3 = np.argsort(-np.asarray(logits[len(prompt) - 1 + i]))[:3]
+            assert token in top3
+
+
+def test_filters_keep_the_tokens_they_should():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: np.isfinite(sampling.filter_logits(logits, sampling.Settings(  # noqa: E731
+        temperature=1.0, **kw)))[0].tolist()
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(min_p=0.2) == [True, True, True, False]  # p >= 0.2 * 0.5
+    assert kept() == [True, True, True, True]
+
+
+def test_codecoding_with_alpha_one_follows_the_reference_context_greedily(qwen3):
+    cfg, params = qwen3
+    references, bases = prompts_for(0), prompts_for(100)
+    decoded = sampling.codecode(cfg, params, references, bases,
+                                sampling.Settings(max_new_tokens=NEW, alpha=1.0))
+    greedy = sampling.generate(cfg, params, references, sampling.Settings(max_new_tokens=NEW))
+    for result, expected in zip(decoded, greedy):
+        assert result.tokens == expected.tokens
+        assert result.n_candidates == [1] * NEW
+        np.testing.assert_allclose(result.logprobs, expected.logprobs, atol=1e-5)
+
+
+def test_codecoding_with_a_tiny_alpha_and_no_cap_follows_the_base_context_greedily(qwen3):
+    cfg, params = qwen3
+    references, bases = prompts_for(0), prompts_for(100)
+    decoded = sampling.codecode(cfg, params, references, bases, sampling.Settings(
+        max_new_tokens=NEW, alpha=1e-30, candidate_top_k=0))
+    greedy = sampling.generate(cfg, params, bases, sampling.Settings(max_new_tokens=NEW))
+    for result, expected in zip(decoded, greedy):
+        assert result.tokens == expected.tokens
+        np.testing.assert_allclose(result.base_logprobs, expected.logprobs, atol=1e-5)
+        assert all(n == cfg.vocab_size for n in result.n_candidates)
+
+
+def test_codecoding_records_the_signals_training_reads(qwen3):
+    cfg, params = qwen3
+    references, bases = prompts_for(0), prompts_for(100)
+    decoded = sampling.codecode(cfg, params, references, bases,
+                                sampling.Settings(max_new_tokens=NEW, alpha=0.3, candidate_top_k=4))
+    for reference, base, result in zip(references, bases, decoded):
+        assert 1 <= min(result.n_candidates) and max(result.n_candidates) <= 4
+        (ref_logprob, _), (base_logprob, base_top1) = sampling.score(
+            cfg, params, [reference, base], [result.tokens, result.tokens])
+        np.testing.assert_allclose(result.logprobs, ref_logprob, atol=1e-4)
+        np.testing.assert_allclose(result.base_logprobs, base_logprob, atol=1e-4)
+        np.testing.assert_allclose(result.base_top1, base_top1, atol=1e-4)
+
+
+def test_decoding_on_a_mesh_shards_the_cache_and_changes_nothing(checkpoint_dir, qwen3):
+    cfg, params = qwen3
+    mesh = sharding.make_mesh((2, 2, 2))
+    _, sharded = hf.load(checkpoint_dir("qwen3"), mesh=mesh)
+    prompts = prompts_for() + prompts_for(50)[:1]  # 4 rows: one per data x fsdp shard
+    settings = sampling.Settings(max_new_tokens=NEW)
+    with sharding.activation_rules(mesh):
+        on_mesh = sampling.generate(cfg, sharded, prompts, settings)
+    plain = sampling.generate(cfg, params, prompts, settings)
+    assert [r.tokens for r in on_mesh] == [r.tokens for r in plain]
