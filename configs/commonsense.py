@@ -1,9 +1,11 @@
 """DASD on commonsense question answering (CommonsenseQA): Llama-3.2-1B-Instruct, rule `dasd`.
 
+    python -m dasd_jax.rewrite --config=configs/commonsense.py --config.workdir=runs/commonsense
     python -m dasd_jax.train --config=configs/commonsense.py --config.workdir=runs/commonsense
-    python -m dasd_jax.train --config=configs/commonsense.py:tiny --config.workdir=/tmp/dasd-tiny-cs
 
-Variants as in configs/math.py (`:tiny`, `:sft`, `:sdft`).
+The input records need the question with its lettered options as `prompt` and a reference that
+ends "The answer is (X)." (map the fields with --config.rewrite.fields.*). Variants as in
+configs/math.py (`:tiny`, `:sft`, `:sdft`).
 """
 
 from dasd_jax.config_defaults import apply_variants, base_config
@@ -13,7 +15,9 @@ def get_config(arg: str | None = None):
     config = base_config()
     config.model.path = "meta-llama/Llama-3.2-1B-Instruct"
     config.model.remat_policy = "dots_no_batch"
-    config.data.path = "runs/commonsense/rewrites.jsonl"
+    config.rewrite.input = "{workdir}/commonsenseqa_train.jsonl"
+    config.rewrite.task = "commonsense"
+    config.rewrite.max_new_tokens = 256
     config.data.max_seq_len = 512
     config.data.buckets = (128, 256, 512)
     config.train.steps = 300

@@ -39,10 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # JSONL file (or a directory of *.jsonl), a dataset saved with `datasets.save_to_disk`, or
     # "hf:NAME[:CONFIG]" for a Hugging Face hub dataset; "generated" = tasks.synthetic records.
-    config.data.path = ""
+    # "{workdir}" is replaced by --config.workdir: by default, what stage 1 wrote there.
+    config.data.path = "{workdir}/rewrites.jsonl"
     config.data.split = "train"  # split for hf: / save_to_disk datasets
     config.data.eval_path = ""  # same forms; "" = no evaluation
     config.data.eval_split = "test"
+    config.data.eval_target = "reference"  # held-out loss is measured on the gold references
     config.data.generated_examples = 2048  # for path "generated"
     config.data.generated_eval_examples = 128
     config.data.fields = ml_collections.ConfigDict(dict(  # record field names, mappable
@@ -56,6 +58,28 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.chat_template = True  # use the tokenizer's chat template when it has one
     config.data.system_prompt = ""
     config.data.prompt_format = "Question: {prompt}\nAnswer: "  # when no chat template is used
+
+    config.rewrite = ml_collections.ConfigDict()
+    # Stage 1 reads (prompt, reference) records from `input` (the forms of data.path) and writes
+    # `output`, which stage 2 reads as data.path. "{workdir}" in either path is --config.workdir.
+    config.rewrite.input = ""
+    config.rewrite.split = "train"
+    config.rewrite.fields = ml_collections.ConfigDict(dict(prompt="prompt", reference="reference"))
+    config.rewrite.output = "{workdir}/rewrites.jsonl"
+    config.rewrite.task = "math"  # math | code | commonsense | synthetic: template + answer check
+    config.rewrite.template = ""  # "" = the task's answer-aware template; uses {prompt} {reference}
+    config.rewrite.mode = "dasd"  # sdft (decode from the reference context) | dasd (co-decoding)
+    config.rewrite.alpha = 0.1  # candidates: πref(v) >= alpha * max πref
+    config.rewrite.candidate_top_k = 8  # at most this many candidates (0 = no cap)
+    config.rewrite.temperature = 0.0  # 0 = greedy (dasd: the base's most confident candidate)
+    config.rewrite.top_k = 0
+    config.rewrite.top_p = 1.0
+    config.rewrite.min_p = 0.0
+    config.rewrite.max_new_tokens = 512
+    config.rewrite.batch_size = 32  # examples per decode batch
+    config.rewrite.prompt_buckets = (256, 512, 1024, 2048)
+    config.rewrite.limit = 0  # rewrite only the first N records (0 = all)
+    config.rewrite.generated_examples = 512  # for input "generated"
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 1000
@@ -117,6 +141,12 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.data.path = "generated"  # tasks.synthetic records: prompt + reference, no rewrite
     config.data.eval_path = "generated"
     config.data.target = "reference"
+    config.rewrite.input = "generated"
+    config.rewrite.task = "synthetic"
+    config.rewrite.generated_examples = 64
+    config.rewrite.max_new_tokens = 96
+    config.rewrite.batch_size = 32
+    config.rewrite.prompt_buckets = (128, 256, 384)
     config.data.generated_examples = 1024
     config.data.generated_eval_examples = 64
     config.data.max_seq_len = 256

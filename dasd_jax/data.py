@@ -60,14 +60,15 @@ def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
 
 def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
                  target: str = "response", generated_examples: int = 0,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, fields_flag: str = "--config.data.fields") -> list[dict]:
     """Records from `path`, with canonical keys (see the module docstring).
 
     `fields` maps each canonical name to the record's field name (`config.data.fields`); names it
     leaves out are read as themselves. `prompt` and the `target` field are required, the rest
     optional (absent keys are left out). Fields that no canonical name maps are kept unchanged
     (e.g. a task's `answer`, a rewrite's `source`). The rewrite stage passes
-    target="reference"; training passes `config.data.target`.
+    target="reference"; training passes `config.data.target`. `fields_flag` is the config key
+    that holds `fields`, named in errors.
     """
     _check_choice("target", target, TARGETS)
     path = str(path)
@@ -92,7 +93,7 @@ def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
     else:
         rows = _local_rows(Path(path).expanduser(), split)
     required = ("prompt", target)
-    records = [_canonical(row, where, names, required) for where, row in rows]
+    records = [_canonical(row, where, names, required, fields_flag) for where, row in rows]
     if not records:
         raise UserError(f"{path} holds no records")
     return records
@@ -182,7 +183,8 @@ def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
         yield f"{spec}, row {index}", row
 
 
-def _canonical(row: dict, where: str, names: dict[str, str], required: Sequence[str]) -> dict:
+def _canonical(row: dict, where: str, names: dict[str, str], required: Sequence[str],
+               fields_flag: str) -> dict:
     """`row` with canonical keys; UserError naming the field, `where`, and the config key."""
     record = {}
     for name in CANONICAL_FIELDS:
@@ -194,7 +196,7 @@ def _canonical(row: dict, where: str, names: dict[str, str], required: Sequence[
                 raise UserError(
                     f"{where}: record has no field {source!r} for the {name} (its fields: "
                     f"{', '.join(map(str, row)) or 'none'}); if the {name} is under another name, "
-                    f"map it with --config.data.fields.{name}=FIELD{hint}")
+                    f"map it with {fields_flag}.{name}=FIELD{hint}")
             continue
         value = row[source]
         try:
@@ -294,6 +296,11 @@ def _response_tokens(record: dict, text: str, tokenizer, data_config) -> list[in
             "(add_generation_prompt=True), so the response tokens cannot be told apart; fix the "
             "template, or set --config.data.chat_template=False to use data.prompt_format")
     return _ids(tokenizer, full_text[len(prompt_text):])
+
+
+def response_tokens(prompt: str, text: str, tokenizer, data_config) -> list[int]:
+    """The tokens training reads for `text` answering `prompt` (as `tokenize` builds them)."""
+    return _response_tokens({"prompt": prompt}, text, tokenizer, data_config)
 
 
 def _recorded_values(record: dict, name: str, response_length: int, index: int) -> np.ndarray:

@@ -404,11 +404,23 @@ def read_config(directory: Path) -> dict:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
 
 
+def generation_eos_ids(directory: Path) -> tuple[int, ...]:
+    """End-of-sequence ids of `generation_config.json` (instruct models often list several)."""
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return ()
+    try:
+        return _token_ids(json.loads(path.read_text()).get("eos_token_id"))
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is not valid: {error}") from None
+
+
 def load(path: str | os.PathLike, dtype: Any = None, mesh: jax.sharding.Mesh | None = None, *,
          compute_dtype: Any = None, rules=sharding_lib.LOGICAL_AXIS_RULES):
     """(cfg, params) from an HF checkpoint directory or hub id.
 
     dtype: param dtype (default: the checkpoint's own `dtype`/`torch_dtype`, else float32).
+    cfg.eos_token_ids joins config.json's and generation_config.json's end-of-sequence ids.
     compute_dtype: activation dtype (default: dtype).
     mesh: when given, every param is created directly in its sharding (see sharding.py): each
       process reads one param at a time from disk and hands each of its devices only that
@@ -416,6 +428,8 @@ def load(path: str | os.PathLike, dtype: Any = None, mesh: jax.sharding.Mesh | N
     """
     directory = resolve(path)
     cfg = config_from_hf(read_config(directory), dtype, compute_dtype)
+    cfg = cfg.replace(eos_token_ids=cfg.eos_token_ids + tuple(
+        i for i in generation_eos_ids(directory) if i not in cfg.eos_token_ids))
     reader = _SafetensorsReader(directory)
     table = tensor_table(cfg)
     _check_tensors(table, reader, cfg, directory)

@@ -17,62 +17,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from dasd_jax import (char_tokenizer, checkpoint, data, hf, metrics, model, selection, sharding,
-                      step)
-from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
+from dasd_jax import checkpoint, data, hf, metrics, model, selection, sharding, stages, step
+from dasd_jax.errors import UserError
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
           "tokens_per_s", "mfu")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. configs/math.py:tiny",
-                                          lock_config=True)
 
 
 # ----------------------------------------------------------------------------- set-up
 
 
-def load_model(config: Any, mesh):
-    """(cfg, params, tokenizer): from `model.path`, or random from `model.random`."""
-    if config.model.path:
-        try:
-            cfg, params = hf.load(config.model.path, dtype=config.model.param_dtype, mesh=mesh,
-                                  rules=config.mesh.rules)
-            tokenizer = hf.load_tokenizer(config.model.path, cfg)
-        except CheckpointError as error:
-            raise CheckpointError(f"--config.model.path: {error}") from None
-        return cfg, params, tokenizer
-    tokenizer = char_tokenizer.build()
-    cfg = random_model_config(config, tokenizer)
-    init = jax.jit(model.init, static_argnums=0,
-                   out_shardings=sharding.param_shardings(cfg, mesh, config.mesh.rules))
-    return cfg, init(cfg, jax.random.key(config.seed)), tokenizer
-
-
-def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
-    return model.ModelConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-        param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
-        **config.model.random.to_dict(),
-    )
-
-
-def model_config_only(config: Any) -> model.ModelConfig:
-    """The ModelConfig without reading any weights (for dry runs)."""
-    if not config.model.path:
-        return random_model_config(config, char_tokenizer.build())
-    try:
-        directory = hf.resolve(config.model.path)
-    except CheckpointError as error:
-        raise CheckpointError(f"--config.model.path: {error}") from None
-    return hf.config_from_hf(hf.read_config(directory), config.model.param_dtype)
-
-
 def load_examples(config: Any, tokenizer, *, evaluation: bool):
-    path = config.data.eval_path if evaluation else config.data.path
+    path = stages.workdir_path(config, config.data.eval_path if evaluation else config.data.path)
+    target = config.data.eval_target if evaluation else config.data.target
     if not path:
         if evaluation:
             return None
@@ -82,11 +41,18 @@ def load_examples(config: Any, tokenizer, *, evaluation: bool):
         path, config.data.eval_split if evaluation else config.data.split, config.data.fields,
         generated_examples=(config.data.generated_eval_examples if evaluation
                             else config.data.generated_examples),
-        seed=config.seed + (1 if evaluation else 0), target=config.data.target,
+        seed=config.seed + (1 if evaluation else 0), target=target,
     )
-    examples, _ = data.tokenize(records, tokenizer, config.data)
+    data_config = config.data.copy_and_resolve_references()
+    data_config.target = target
+    examples, _ = data.tokenize(records, tokenizer, data_config)
     if config.train.base_confidence == "cached":
-        data.check_cached_base_signals(examples)
+        if not evaluation:
+            data.check_cached_base_signals(examples)
+        elif not (data.has_values(examples, "base_logprob") and data.has_values(examples, "base_top1")):
+            absl_logging.warning("evaluation skipped: --config.data.eval_path records lack the base "
+                                 "signals that --config.train.base_confidence=cached reads")
+            return None
     return examples
 
 
@@ -132,7 +98,7 @@ def abstract_inputs(config: Any, cfg: model.ModelConfig, mesh):
 
 def dry_run(config: Any, mesh) -> dict:
     """Compiles the step ahead of time and reports its memory per device."""
-    cfg = model_config_only(config)
+    cfg = stages.model_config_only(config)
     train_step = step.make_train_step(config, cfg, mesh)
     compiled = train_step.lower(*abstract_inputs(config, cfg, mesh)).compile()
     memory = compiled.memory_analysis()
@@ -175,11 +141,15 @@ def train(config: Any) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics."""
     validate(config)
     mesh = sharding.make_mesh(config.mesh.shape)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % shards:
+        raise UserError(f"--config.train.batch_size={config.train.batch_size} must be a multiple "
+                        f"of the mesh's data x fsdp size {shards} (mesh {dict(mesh.shape)})")
     if config.dry_run:
         return dry_run(config, mesh)
     workdir = Path(config.workdir).expanduser()
     primary = jax.process_index() == 0
-    cfg, params, tokenizer = load_model(config, mesh)
+    cfg, params, tokenizer = stages.load_model(config, mesh)
     examples = load_examples(config, tokenizer, evaluation=False)
     eval_examples = load_examples(config, tokenizer, evaluation=True)
 
@@ -263,15 +233,7 @@ def train(config: Any) -> dict[str, float]:
     return last
 
 
-@exit_on_user_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; settings go in --config.a.b=value")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    config = _CONFIG.value
-    if config is None:
-        raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
+def main(config: Any) -> None:
     started = time.time()
     train(config)
     if jax.process_index() == 0 and not config.dry_run:
@@ -279,4 +241,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    stages.run(main)

@@ -98,3 +98,10 @@ def test_bfloat16_compute_stays_close_to_float32(checkpoint_dir):
     mixed = jitted_forward(cfg16, params32, tokens)
     assert mixed.dtype == jnp.bfloat16
     assert max_abs_diff(mixed, reference) <= 2e-2 * max(1.0, float(jnp.max(jnp.abs(reference))))
+
+
+def test_end_of_sequence_ids_join_config_and_generation_config(checkpoint_dir, tmp_path):
+    cfg, params = hf.load(checkpoint_dir("llama"))
+    exported = hf.save(tmp_path / "eos", cfg.replace(eos_token_ids=(2,)), params)
+    (exported / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9]}))
+    assert hf.load(exported)[0].eos_token_ids == (2, 7, 9)

@@ -90,7 +90,8 @@ def test_step_flops_match_a_hand_count_for_a_tiny_model():
     attention_weights = 16 * 4 * (2 * 4 + 2 * 2)  # q, o: D*H*E each; k, v: D*K*E each = 768
     mlp_weights = 3 * 16 * 32  # gate, up, down = 1536
     unembedding = 100 * 16  # 1600
-    assert metrics.matmul_params(TINY) == 2 * (768 + 1536) + unembedding == 6208
+    assert attention_weights == 768 and mlp_weights == 1536
+    assert metrics.matmul_params(TINY) == 2 * (attention_weights + mlp_weights) + unembedding == 6208
 
     batch, seq = 2, 8
     matmuls = 2 * 6208 * batch * seq  # 198,656

@@ -1,7 +1,6 @@
 """The jitted train step: same results on every mesh, with micro-batches, for every rule."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,0 +1,300 @@
+"""Stage 1: `python -m dasd_jax.rewrite --config=configs/math.py[:variant] [--config.a.b=value]`.
+
+For each (prompt, reference) record the model writes its own response with the reference in its
+context (the answer-aware prompt of `rewrite.template`): mode `sdft` decodes from that context
+alone, mode `dasd` co-decodes with the plain-prompt base context (sampling.codecode). A rewrite is
+kept when it finished, reaches the reference's final answer and leaks no template phrase;
+otherwise the record falls back to the reference (`source = "reference"`, `fallback_reason`).
+
+Each output line holds `id, prompt, reference, response, response_ids, source, ref_logprobs,
+base_logprobs, base_top1, n_candidates`: per response token, log πref, log π0 and max π0 (from
+co-decoding, or from a teacher-forced pass), so training reads the file as it is, and may skip
+its base forward (`--config.train.base_confidence=cached`). Lines are appended a batch at a time
+and synced; re-running skips ids already written and repairs a line cut short by a crash. A
+sidecar `.meta.json` records the settings: a different config refuses to append. A summary JSON
+(`.summary.json`) holds the acceptance rate, fallback reasons, mean n_candidates and the
+high-PPL ratio of the kept responses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dasd_jax import data, sampling, sharding, stages
+from dasd_jax.errors import UserError
+from dasd_jax.tasks import answers
+MODES = ("sdft", "dasd")
+
+
+# ----------------------------------------------------------------------------- the output file
+
+
+def fingerprint(config: Any) -> dict:
+    """The settings that decide what a rewrite is; an output file belongs to one fingerprint."""
+    rewrite = config.rewrite
+    return {
+        "model": config.model.path or {"random": config.model.random.to_dict(),
+                                       "seed": config.seed},
+        "input": rewrite.input, "split": rewrite.split, "fields": rewrite.fields.to_dict(),
+        "task": rewrite.task, "template": template(config), "mode": rewrite.mode,
+        "sampling": {k: rewrite[k] for k in ("alpha", "candidate_top_k", "temperature", "top_k",
+                                             "top_p", "min_p", "max_new_tokens")},
+        "prompts": {k: config.data[k] for k in ("chat_template", "system_prompt", "prompt_format")},
+    }
+
+
+class OutputFile:
+    """Append-only JSONL of rewrites: whole lines only, synced per batch, one fingerprint."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.meta_path = path.with_name(path.name + ".meta.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.meta_path.exists():
+            recorded = json.loads(self.meta_path.read_text())
+            if recorded != settings:
+                changed = sorted(k for k in settings.keys() | recorded.keys()
+                                 if settings.get(k) != recorded.get(k))
+                raise UserError(
+                    f"{path} was written with other settings ({', '.join(changed)} differ); "
+                    "refusing to append. Choose another --config.rewrite.output, or delete the "
+                    "file and its .meta.json to start over")
+        elif path.exists() and path.stat().st_size:
+            raise UserError(f"{path} exists without {self.meta_path.name}, so its settings are "
+                            "unknown; refusing to append. Move it away or choose another "
+                            "--config.rewrite.output")
+        else:
+            _write_atomically(self.meta_path, json.dumps(settings, indent=2) + "\n")
+        self.done_ids = set(record["id"] for record in self._repair_and_read())
+
+    def _repair_and_read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        keep = raw[:raw.rfind(b"\n") + 1]  # a crash can only cut the last line short
+        if len(keep) != len(raw):
+            with open(self.path, "r+b") as file:
+                file.truncate(len(keep))
+        return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+
+    def records(self) -> list[dict]:
+        return self._repair_and_read()
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        text = "".join(json.dumps(record) + "\n" for record in records)
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        self.done_ids.update(record["id"] for record in records)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def template(config: Any) -> str:
+    if config.rewrite.task not in answers.TASKS:
+        raise UserError(f"--config.rewrite.task={config.rewrite.task!r} is not one of "
+                        f"{', '.join(answers.TASKS)}")
+    text = config.rewrite.template or answers.REWRITE_TEMPLATES[config.rewrite.task]
+    if "{prompt}" not in text or "{reference}" not in text:
+        raise UserError("--config.rewrite.template must contain {prompt} and {reference}")
+    return text
+
+
+def settings_from(config: Any, cfg, tokenizer) -> sampling.Settings:
+    """Decoding settings; decoding stops at any end-of-sequence id of the model's configs or its
+    tokenizer."""
+    rewrite = config.rewrite
+    eos = cfg.eos_token_ids + tuple(
+        i for i in (tokenizer.eos_token_id,) if i is not None and i not in cfg.eos_token_ids)
+    return sampling.Settings(
+        max_new_tokens=rewrite.max_new_tokens, temperature=rewrite.temperature,
+        top_k=rewrite.top_k, top_p=rewrite.top_p, min_p=rewrite.min_p, eos_ids=eos,
+        alpha=rewrite.alpha, candidate_top_k=rewrite.candidate_top_k,
+        prompt_buckets=tuple(rewrite.prompt_buckets),
+    )
+
+
+def _judge(task: str, text: str, reference: str, finished: bool) -> str | None:
+    """Why a rewrite falls back to the reference, or None when it is kept."""
+    if not finished:
+        return "unfinished"
+    if not text.strip():
+        return "empty"
+    if answers.leaked_phrase(text):
+        return "template_leak"
+    if not answers.answers_match(task, text, reference):
+        return "wrong_answer"
+    return None
+
+
+def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tuple[list[dict], int]:
+    """(output records, tokens decoded) for `batch` (records with id, prompt, reference, and
+    their two tokenized prompts)."""
+    settings = settings_from(config, cfg, tokenizer)
+    rows = config.rewrite.batch_size
+    padded = batch + [batch[0]] * (rows - len(batch))  # a fixed batch shape: no recompiles
+    reference_prompts = [r["reference_prompt"] for r in padded]
+    base_prompts = [r["base_prompt"] for r in padded]
+    if config.rewrite.mode == "dasd":
+        decoded = sampling.codecode(cfg, params, reference_prompts, base_prompts, settings, rng)
+    else:
+        decoded = sampling.generate(cfg, params, reference_prompts, settings, rng)
+
+    out, to_score = [], []
+    eos = set(settings.eos_ids)
+    for record, result in zip(batch, decoded):
+        content = result.tokens[:-1] if result.tokens and result.tokens[-1] in eos else result.tokens
+        text = tokenizer.decode(content, skip_special_tokens=True)
+        reason = _judge(config.rewrite.task, text, record["reference"], result.finished)
+        line = {"id": record["id"], "prompt": record["prompt"], "reference": record["reference"]}
+        if reason is None:
+            line.update(response=text, response_ids=result.tokens, source="rewrite",
+                        ref_logprobs=result.logprobs, base_logprobs=result.base_logprobs,
+                        base_top1=result.base_top1, n_candidates=result.n_candidates)
+        else:
+            ids = data.response_tokens(record["prompt"], record["reference"], tokenizer,
+                                       config.data)
+            line.update(response=record["reference"], response_ids=ids, source="reference",
+                        fallback_reason=reason, ref_logprobs=None, base_logprobs=None,
+                        base_top1=None, n_candidates=None)
+        out.append(line)
+        if line["ref_logprobs"] is None:
+            to_score.append((line, "ref", record["reference_prompt"]))
+        if line["base_logprobs"] is None:
+            to_score.append((line, "base", record["base_prompt"]))
+    if to_score:
+        buckets = sorted({b + config.data.max_seq_len for b in config.rewrite.prompt_buckets})
+        scored = sampling.score(cfg, params, [context for _, _, context in to_score],
+                                [line["response_ids"] for line, _, _ in to_score], buckets)
+        for (line, which, _), (logprob, top1) in zip(to_score, scored):
+            if which == "ref":
+                line["ref_logprobs"] = logprob.tolist()
+            else:
+                line["base_logprobs"], line["base_top1"] = logprob.tolist(), top1.tolist()
+    return out, sum(len(result.tokens) for result in decoded[:len(batch)])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _prepare(config, cfg, tokenizer, records: list[dict], skipped: Counter, skipped_ids: dict):
+    """Records with both prompts tokenized; empty or over-long ones are counted and left out."""
+    text = template(config)
+    longest = max(config.rewrite.prompt_buckets)
+    window = cfg.max_position_embeddings - config.rewrite.max_new_tokens
+    ready = []
+    for record in records:
+        if not record["reference"].strip():
+            reason = "empty_reference"
+        else:
+            record["base_prompt"] = data.prompt_tokens(record["prompt"], tokenizer, config.data)
+            record["reference_prompt"] = data.prompt_tokens(
+                text.format(prompt=record["prompt"], reference=record["reference"]), tokenizer,
+                config.data)
+            too_long = max(len(record["reference_prompt"]), len(record["base_prompt"]))
+            reason = "prompt_too_long" if too_long > min(longest, window) else None
+        if reason:
+            skipped[reason] += 1
+            skipped_ids.setdefault(reason, []).append(record["id"])
+        else:
+            ready.append(record)
+    return ready
+
+
+def summarize(records: list[dict], skipped: Counter, skipped_ids: dict) -> dict:
+    """Acceptance, fallback reasons, mean |C_t| and high-PPL ratios of the kept responses."""
+    kept = [r for r in records if r["source"] == "rewrite"]
+    base = np.concatenate([np.asarray(r["base_logprobs"], np.float32) for r in kept] or [np.zeros(0)])
+    candidates = [n for r in kept for n in (r.get("n_candidates") or [])]
+    return {
+        "records": len(records),
+        "kept": len(kept),
+        "acceptance_rate": len(kept) / max(len(records), 1),
+        "fallback_reasons": dict(Counter(r["fallback_reason"] for r in records
+                                         if r["source"] == "reference")),
+        "mean_n_candidates": float(np.mean(candidates)) if candidates else None,
+        "kept_tokens": int(base.size),
+        "kept_high_ppl_10": float(np.mean(base < np.log(0.1))) if base.size else None,
+        "kept_high_ppl_100": float(np.mean(base < np.log(0.01))) if base.size else None,
+        "skipped_this_run": dict(skipped),
+        "skipped_ids": {reason: ids[:50] for reason, ids in skipped_ids.items()},
+    }
+
+
+def rewrite(config: Any) -> dict:
+    """Rewrites every record not yet in the output; returns the summary."""
+    if not config.workdir:
+        raise UserError("--config.workdir is required (the output path may use {workdir})")
+    if config.rewrite.mode not in MODES:
+        raise UserError(f"--config.rewrite.mode={config.rewrite.mode!r} is not one of "
+                        f"{', '.join(MODES)}")
+    if not config.rewrite.input:
+        raise UserError("--config.rewrite.input is required: the (prompt, reference) records")
+    mesh = sharding.make_mesh(config.mesh.shape)
+    output = OutputFile(Path(stages.workdir_path(config, config.rewrite.output)).expanduser(),
+                        fingerprint(config))
+    records = data.load_records(
+        stages.workdir_path(config, config.rewrite.input), config.rewrite.split,
+        config.rewrite.fields, target="reference",
+        generated_examples=config.rewrite.generated_examples, seed=config.seed,
+        fields_flag="--config.rewrite.fields")
+    for index, record in enumerate(records):
+        record["id"] = str(record.get("id", record.get("task_id", index)))
+    if config.rewrite.limit:
+        records = records[:config.rewrite.limit]
+    todo = [r for r in records if r["id"] not in output.done_ids]
+    cfg, params, tokenizer = stages.load_model(config, mesh)
+    skipped, skipped_ids = Counter(), {}
+    todo = _prepare(config, cfg, tokenizer, todo, skipped, skipped_ids)
+    primary = jax.process_index() == 0
+
+    from tqdm import tqdm
+
+    progress = tqdm(total=len(todo), unit="example", disable=not primary, desc="rewrite")
+    rng = jax.random.PRNGKey(config.seed)
+    tokens = kept = 0
+    started = time.perf_counter()
+    size = config.rewrite.batch_size
+    with sharding.activation_rules(mesh, config.mesh.rules):
+        for start in range(0, len(todo), size):
+            lines, decoded_tokens = rewrite_batch(config, cfg, params, tokenizer,
+                                                  todo[start:start + size],
+                                                  jax.random.fold_in(rng, start))
+            if primary:
+                output.append(lines)
+            tokens += decoded_tokens
+            kept += sum(line["source"] == "rewrite" for line in lines)
+            progress.update(len(lines))
+            progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
+                                 accepted=f"{kept / progress.n:.2f}")
+    progress.close()
+    summary = summarize(output.records(), skipped, skipped_ids)
+    if primary:
+        _write_atomically(output.path.with_name(output.path.name + ".summary.json"),
+                          json.dumps(summary, indent=2) + "\n")
+        print(f"rewrote {summary['records']} records into {output.path}: "
+              f"{summary['kept']} kept ({summary['acceptance_rate']:.1%}), fallbacks "
+              f"{summary['fallback_reasons']}, skipped {dict(skipped)}")
+    return summary
+
+
+if __name__ == "__main__":
+    stages.run(rewrite)
