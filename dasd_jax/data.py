@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -87,11 +90,11 @@ def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
         rows = ((f"generated record {i}", row) for i, row in
                 enumerate(synthetic.generate_records(generated_examples, seed)))
     elif path.startswith("hf:"):
-        rows = _hub_rows(path, split)
+        rows = hub_rows(path, split)
     elif not path:
         raise UserError(f"no data path: set --config.data.path to {PATH_FORMS}")
     else:
-        rows = _local_rows(Path(path).expanduser(), split)
+        rows = local_rows(Path(path).expanduser(), split)
     required = ("prompt", target)
     records = [_canonical(row, where, names, required, fields_flag) for where, row in rows]
     if not records:
@@ -99,7 +102,8 @@ def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
     return records
 
 
-def _local_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+def local_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    """(location, row) of a JSONL file, a directory of them, or a save_to_disk directory."""
     if not path.exists():
         raise UserError(f"no data at {path}: pass {PATH_FORMS}")
     if path.is_file():
@@ -165,10 +169,30 @@ def _saved_rows(directory: Path, split: str) -> Iterator[tuple[str, dict]]:
         yield f"{directory}, row {index}", row
 
 
-def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub (HF_ENDPOINT) accepts a TCP connection; True in offline mode
+    (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), where `datasets` reads its local cache instead.
+    Without this check an unreachable hub costs ~25 s of `datasets` retries."""
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+           for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        return True
+    address = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+    """(location, row) of `hf:NAME[:CONFIG]`'s `split`, via `datasets.load_dataset`."""
     name, _, config = spec[len("hf:"):].partition(":")
     if not name:
         raise UserError(f"{spec}: expected hf:NAME or hf:NAME:CONFIG")
+    if not hub_reachable():
+        raise UserError(f"{spec}: the Hugging Face Hub does not answer from here; pass a local "
+                        "copy of the data instead (a JSONL file or a save_to_disk directory; with "
+                        "the dataset in the local cache, set HF_DATASETS_OFFLINE=1)")
     datasets = _import_datasets()
     try:
         data = datasets.load_dataset(name, config or None, split=split)
