@@ -1,0 +1,73 @@
+"""`python -m dasd_jax.analyze` on the tiny variant: tables, a plot and a valid token page."""
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from dasd_jax import analyze, rewrite
+from dasd_jax.errors import UserError
+from configs import math as math_config
+
+
+class TagBalance(HTMLParser):
+    """Checks that every opened element is closed in order, and collects token spans."""
+
+    VOID = {"meta", "br", "img", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.spans, self.errors = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        if tag == "span" and dict(attrs).get("title"):
+            self.spans.append(dict(attrs))
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("analysis")
+    config = math_config.get_config("tiny")
+    config.workdir = str(workdir)
+    config.rewrite.update(generated_examples=6, batch_size=6, max_new_tokens=16)
+    rewrite.rewrite(config)
+    config.analyze.examples = 3
+    return workdir, analyze.analyze(config)
+
+
+def test_analysis_counts_every_response_token_into_one_category(analysis):
+    _, stats = analysis
+    assert set(stats) == {"references", "rewrites"}
+    for numbers in stats.values():
+        assert numbers["records"] == 6
+        assert numbers["aligned"] + numbers["correction"] + numbers["drift"] == numbers["tokens"]
+        assert 0 <= numbers["high_ppl_100"] <= numbers["high_ppl_10"] <= 1
+
+
+def test_analysis_writes_a_summary_a_plot_and_a_well_formed_token_page(analysis):
+    workdir, stats = analysis
+    output = workdir / "analysis"
+    assert json.loads((output / "summary.json").read_text()) == json.loads(json.dumps(stats))
+    assert (output / "confidence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = TagBalance()
+    page.feed((output / "tokens.html").read_text(encoding="utf-8"))
+    page.close()
+    assert page.errors == [] and page.stack == []
+    assert len(page.spans) > 100
+    classes = {span["class"] for span in page.spans}
+    assert classes <= {"aligned", "correction", "drift"} and "aligned" in classes
+    assert all(span["title"].split(":")[0] == span["class"] and " b=" in span["title"]
+               and " q=" in span["title"] for span in page.spans)
+
+
+def test_sources_must_name_a_path():
+    with pytest.raises(UserError, match=r"'refs' is not name=path"):
+        analyze.parse_sources("refs")
+    assert analyze.parse_sources("a=x.jsonl@reference, b=y.jsonl") == [
+        ("a", "x.jsonl", "reference"), ("b", "y.jsonl", "response")]
