@@ -116,6 +116,37 @@ def base_config() -> ml_collections.ConfigDict:
     # High-PPL tokens without a recorded q (plain references): drop (= ppl_filter there) | keep
     config.selection.missing_ref = "drop"
 
+    config.eval = ml_collections.ConfigDict()
+    config.eval.tasks = "gsm8k"  # comma-separated; see dasd_jax/evaluate.py for the list
+    # HF dir or hub id, a workdir with checkpoints/, or "base" (model.path / its random init)
+    config.eval.checkpoint = "{workdir}/hf"
+    config.eval.baseline = "base"  # also evaluated, for the forgetting table ("" = none)
+    config.eval.tuned_tasks = "gsm8k"  # tasks the model was fine-tuned for (the rest = forgetting)
+    config.eval.predictions = ""  # JSONL of {task, id, completion}: score without a model
+    config.eval.paths = ml_collections.ConfigDict(dict(  # where each task's data is
+        gsm8k="hf:openai/gsm8k:main", math500="hf:HuggingFaceH4/MATH-500", humaneval="",
+        mbpp="", commonsenseqa="", arc_easy="", arc_challenge="", boolq="", openbookqa="",
+        piqa="", siqa="", winogrande="", synthetic=""))
+    config.eval.split = "test"
+    config.eval.limit = 0  # first N examples per task (0 = all)
+    config.eval.batch_size = 32
+    config.eval.max_new_tokens = 512
+    config.eval.temperature = 0.0  # 0 = greedy; > 0 with samples > 1 gives pass@k
+    config.eval.top_p = 1.0
+    config.eval.samples = 1
+    config.eval.prompt_buckets = (256, 512, 1024, 2048)
+    config.eval.output = "{workdir}/eval"
+
+    config.analyze = ml_collections.ConfigDict()
+    # Training-data sources to compare, "name=path[@target],...": path in the forms of data.path,
+    # target response (default) or reference. The default compares a rewrite file's references
+    # with its responses.
+    config.analyze.sources = ("references={workdir}/rewrites.jsonl@reference,"
+                              "rewrites={workdir}/rewrites.jsonl")
+    config.analyze.output = "{workdir}/analysis"
+    config.analyze.limit = 0  # records per source (0 = all)
+    config.analyze.examples = 20  # records per source shown in tokens.html
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100
     config.checkpoint.max_to_keep = 3
@@ -147,6 +178,12 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.rewrite.max_new_tokens = 96
     config.rewrite.batch_size = 32
     config.rewrite.prompt_buckets = (128, 256, 384)
+    config.eval.tasks = "synthetic"
+    config.eval.tuned_tasks = "synthetic"
+    config.eval.limit = 32
+    config.eval.max_new_tokens = 64
+    config.eval.batch_size = 16
+    config.eval.prompt_buckets = (64, 128, 256)
     config.data.generated_examples = 1024
     config.data.generated_eval_examples = 64
     config.data.max_seq_len = 256
