@@ -183,8 +183,9 @@ def _decode(cfg: model.ModelConfig, settings: Settings, step_kind: str, params, 
 def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
     fitting = [bucket for bucket in buckets if bucket >= length]
     if not fitting:
-        raise UserError(f"a prompt of {length} tokens is longer than the largest prompt bucket "
-                        f"{max(buckets)}; raise --config.rewrite.prompt_buckets")
+        raise UserError(f"a sequence of {length} tokens is longer than the largest length bucket "
+                        f"{max(buckets)}; add a larger one to the stage's prompt_buckets "
+                        "(--config.rewrite.prompt_buckets / --config.eval.prompt_buckets)")
     return min(fitting)
 
 

@@ -1,0 +1,317 @@
+"""Stage 3: `python -m dasd_jax.evaluate --config=configs/math.py[:variant] [--config.eval.*=...]`.
+
+Scores a checkpoint on the tasks in `eval.tasks` (comma-separated):
+
+    gsm8k, math500                    generation; accuracy, by difficulty (solution steps, level)
+    humaneval, mbpp                   generation; programs run in tasks.sandbox; pass@1 (greedy)
+                                      or pass@k (unbiased) with eval.samples > 1
+    commonsenseqa, arc_easy, arc_challenge, boolq, openbookqa, piqa, siqa, winogrande
+                                      multiple choice by log-likelihood; acc and acc_norm
+    synthetic                         the generated arithmetic world (offline runs)
+
+The checkpoint (`eval.checkpoint`) is an HF directory or hub id, a workdir whose Orbax
+`checkpoints/` hold a training run of `model.path`, or "base" (model.path itself). With
+`eval.predictions=FILE` (JSONL of task, id, completion; e.g. from vLLM) it scores those
+completions without loading a model. With `eval.baseline` (usually the base model) it evaluates
+that checkpoint too and adds a forgetting table: the change on the tasks not in `eval.tuned_tasks`.
+Writes `{output}/{task}.jsonl` (one line per example) and `{output}/summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from dasd_jax import checkpoint, data, hf, sampling, sharding, stages, step
+from dasd_jax.errors import UserError
+from dasd_jax.tasks import answers, coding, commonsense, gsm8k, math500, synthetic
+
+MULTIPLE_CHOICE = commonsense.TASKS
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeTask:
+    """A task scored on generated text: how to load items, prompt, grade and group them."""
+
+    load: Callable[[str, str, int, int], list[dict]]  # (path, split, limit, seed) -> items
+    prompt: Callable[[dict], str]
+    grade: Callable[[dict, str], dict]  # -> {"correct": bool, ...}
+    difficulty: Callable[[dict], str]
+
+
+def _synthetic_items(path, split, limit, seed):
+    records = synthetic.generate_records(limit or 200, seed + 2)
+    return [{"id": str(i), **r} for i, r in enumerate(records)]
+
+
+def _synthetic_grade(item, completion):
+    predicted = answers.final_number(completion)
+    return {"correct": predicted == item["answer"], "prediction": predicted}
+
+
+def _code_grade(family):
+    def grade(item, completion):
+        result = coding.score(item, completion, family)
+        return {"correct": bool(result["passed"]), "status": result["status"]}
+    return grade
+
+
+GENERATIVE = {
+    "gsm8k": GenerativeTask(
+        load=lambda path, split, limit, seed: gsm8k.load(path, split, limit),
+        prompt=gsm8k.prompt_text,
+        grade=lambda item, text: {"correct": gsm8k.is_correct(text, item),
+                                  "prediction": gsm8k.extract_answer(text)},
+        difficulty=gsm8k.difficulty),
+    "math500": GenerativeTask(
+        load=lambda path, split, limit, seed: math500.load(path, split, limit),
+        prompt=math500.prompt_text,
+        grade=lambda item, text: {"correct": math500.is_correct(text, item),
+                                  "prediction": math500.last_boxed(text)},
+        difficulty=math500.difficulty),
+    "humaneval": GenerativeTask(
+        load=lambda path, split, limit, seed: coding.load_humaneval(path)[:limit or None],
+        prompt=lambda item: coding.prompt_text(item, "humaneval"),
+        grade=_code_grade("humaneval"), difficulty=lambda item: "all"),
+    "mbpp": GenerativeTask(
+        load=lambda path, split, limit, seed: coding.load_mbpp(path)[:limit or None],
+        prompt=lambda item: coding.prompt_text(item, "mbpp"),
+        grade=_code_grade("mbpp"), difficulty=lambda item: "all"),
+    "synthetic": GenerativeTask(
+        load=_synthetic_items, prompt=lambda item: item["prompt"], grade=_synthetic_grade,
+        difficulty=lambda item: f"steps={item['reference'].count('=')}"),
+}
+TASKS = tuple(GENERATIVE) + MULTIPLE_CHOICE
+
+
+def task_list(config: Any) -> list[str]:
+    names = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from {', '.join(TASKS)}")
+    return names
+
+
+def load_items(config: Any, task: str) -> list[dict]:
+    path = stages.workdir_path(config, config.eval.paths.get(task, "") or "")
+    if not path and task != "synthetic":
+        raise UserError(f"no data path for {task}: set --config.eval.paths.{task}=PATH")
+    if task in MULTIPLE_CHOICE:
+        return commonsense.load(task, path, commonsense.default_split(task), config.eval.limit)
+    return GENERATIVE[task].load(path, config.eval.split, config.eval.limit, config.seed)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_checkpoint(config: Any, path: str, mesh):
+    """(cfg, params, tokenizer) of an HF checkpoint, of the latest Orbax step in a workdir, or
+    ("" or "base") of the model the run starts from (model.path, or its random init)."""
+    path = stages.workdir_path(config, path)
+    if path in ("", "base"):
+        return stages.load_model(config, mesh)
+    directory = Path(path).expanduser()
+    if (directory / "checkpoints").is_dir():
+        cfg, params, tokenizer = stages.load_model(config, mesh)
+        state = step.init_train_state(config, cfg, params, mesh)
+        restorer = checkpoint.Checkpointer(directory, every=1, max_to_keep=1)
+        state, _ = restorer.restore(state)
+        restorer.close()
+        return step.trainee_config(config, cfg), state.params, tokenizer
+    cfg, params = hf.load(path, mesh=mesh, rules=config.mesh.rules)
+    return cfg, params, hf.load_tokenizer(path, cfg)
+
+
+def _settings(config, cfg, tokenizer) -> sampling.Settings:
+    eos = cfg.eos_token_ids + tuple(i for i in (tokenizer.eos_token_id,)
+                                    if i is not None and i not in cfg.eos_token_ids)
+    return sampling.Settings(
+        max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
+        top_p=config.eval.top_p, eos_ids=eos, prompt_buckets=tuple(config.eval.prompt_buckets))
+
+
+def generate_completions(config, cfg, params, tokenizer, prompts: list[str]) -> list[str]:
+    settings = _settings(config, cfg, tokenizer)
+    ids = [data.prompt_tokens(text, tokenizer, config.data) for text in prompts]
+    completions = []
+    size = config.eval.batch_size
+    rng = jax.random.PRNGKey(config.seed)
+    for start in range(0, len(ids), size):
+        batch = ids[start:start + size]
+        padded = batch + [batch[0]] * (size - len(batch))
+        for result in sampling.generate(cfg, params, padded, settings,
+                                        jax.random.fold_in(rng, start))[:len(batch)]:
+            tokens = [t for t in result.tokens if t not in settings.eos_ids]
+            completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return completions
+
+
+def choice_logliks(config, cfg, params, tokenizer, items: list[dict]) -> list[list[tuple[float, int]]]:
+    """Per item, per choice: (sum log p(continuation | context), the choice's length for acc_norm)."""
+    pairs = [(i, c, cont) for i, item in enumerate(items) for c, cont in
+             enumerate(commonsense.choice_pairs(item))]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    contexts = [bos + tokenizer(context, add_special_tokens=False)["input_ids"]
+                for _, _, (context, _) in pairs]
+    continuations = [tokenizer(cont, add_special_tokens=False)["input_ids"]
+                     for _, _, (_, cont) in pairs]
+    out = [[None] * len(commonsense.choice_pairs(item)) for item in items]
+    size = config.eval.batch_size
+    buckets = tuple(config.eval.prompt_buckets)
+    for start in range(0, len(pairs), size):
+        scored = sampling.score(cfg, params, contexts[start:start + size],
+                                continuations[start:start + size], buckets)
+        for (i, c, _), (logprob, _) in zip(pairs[start:start + size], scored):
+            out[i][c] = float(np.sum(logprob))
+    return [list(zip(scores, commonsense.choice_lengths(item))) for scores, item in zip(out, items)]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_generative(task: str, items: list[dict], completions: list[list[str]]) -> tuple[list, dict]:
+    """Per-example lines and the task summary; completions: per item, one or more samples."""
+    spec = GENERATIVE[task]
+    lines, by_difficulty = [], defaultdict(list)
+    pass_at = defaultdict(list)
+    for item, samples in zip(items, completions):
+        graded = [spec.grade(item, text) for text in samples]
+        correct = [g["correct"] for g in graded]
+        difficulty = spec.difficulty(item)
+        by_difficulty[difficulty].append(correct[0])
+        for k in (1, 5, 10):
+            if k <= len(samples):
+                pass_at[k].append(coding.pass_at_k(len(samples), sum(correct), k))
+        lines.append({"task": task, "id": item["id"], "difficulty": difficulty,
+                      "completion": samples[0], "correct": correct[0], **graded[0],
+                      "samples_correct": sum(correct), "samples": len(samples)})
+    summary = {"examples": len(items),
+               "accuracy": float(np.mean([line["correct"] for line in lines])) if lines else 0.0,
+               "by_difficulty": {d: {"examples": len(v), "accuracy": float(np.mean(v))}
+                                 for d, v in sorted(by_difficulty.items())}}
+    if len(completions) and len(completions[0]) > 1:
+        summary.update({f"pass@{k}": float(np.mean(v)) for k, v in pass_at.items()})
+    return lines, summary
+
+
+def score_multiple_choice(task: str, items: list[dict], logliks) -> tuple[list, dict]:
+    predictions = [commonsense.prediction([s for s, _ in item_scores], [n for _, n in item_scores])
+                   for item_scores in logliks]
+    lines = [{"task": task, "id": item["id"], "label": item["label"], "prediction": pred,
+              "prediction_norm": pred_norm, "correct": pred == item["label"]}
+             for item, (pred, pred_norm) in zip(items, predictions)]
+    summary = dict(commonsense.summarize(items, predictions)[task])
+    summary.update(examples=summary.pop("count"), accuracy=summary["acc"])
+    return lines, summary
+
+
+def evaluate_model(config, cfg, params, tokenizer, tasks: list[str], mesh) -> tuple[dict, dict]:
+    """(per-task lines, per-task summaries) for one model."""
+    lines, summaries = {}, {}
+    with sharding.activation_rules(mesh, config.mesh.rules):
+        for task in tasks:
+            items = load_items(config, task)
+            if task in MULTIPLE_CHOICE:
+                lines[task], summaries[task] = score_multiple_choice(
+                    task, items, choice_logliks(config, cfg, params, tokenizer, items))
+                continue
+            limit = max(config.eval.prompt_buckets)
+            fits = [len(data.prompt_tokens(GENERATIVE[task].prompt(item), tokenizer, config.data))
+                    <= limit for item in items]
+            skipped = len(items) - sum(fits)
+            items = [item for item, fit in zip(items, fits) if fit]
+            prompts = [GENERATIVE[task].prompt(item) for item in items]
+            samples = max(config.eval.samples, 1)
+            texts = generate_completions(config, cfg, params, tokenizer,
+                                         [p for p in prompts for _ in range(samples)])
+            grouped = [texts[i * samples:(i + 1) * samples] for i in range(len(items))]
+            lines[task], summaries[task] = score_generative(task, items, grouped)
+            summaries[task]["skipped_prompt_too_long"] = skipped
+    return lines, summaries
+
+
+def score_predictions(config, tasks: list[str]) -> tuple[dict, dict]:
+    """Scores completions produced elsewhere: JSONL lines {task, id, completion}."""
+    path = Path(stages.workdir_path(config, config.eval.predictions)).expanduser()
+    if not path.exists():
+        raise UserError(f"--config.eval.predictions={path}: no such file")
+    by_task = defaultdict(lambda: defaultdict(list))
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            by_task[row["task"]][str(row["id"])].append(row["completion"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UserError(f"{path}, line {number}: expected a JSON object with task, id and "
+                            f"completion ({type(error).__name__}: {error})") from None
+    lines, summaries = {}, {}
+    for task in tasks:
+        if task in MULTIPLE_CHOICE:
+            raise UserError(f"{task} is scored by log-likelihood, which needs the model; "
+                            "predictions files hold generative tasks only")
+        items = [item for item in load_items(config, task) if item["id"] in by_task[task]]
+        if not items:
+            raise UserError(f"{path} has no completions for task {task} with known ids")
+        lines[task], summaries[task] = score_generative(
+            task, items, [by_task[task][item["id"]] for item in items])
+    return lines, summaries
+
+
+def format_table(summaries: dict, baseline: dict | None, tuned: set[str]) -> str:
+    rows = [f"{'task':<16}{'examples':>9}{'accuracy':>10}" + (f"{'base':>9}{'Δ':>8}" if baseline else "")]
+    for task, s in summaries.items():
+        row = f"{task:<16}{s['examples']:>9}{s['accuracy']:>10.1%}"
+        if baseline and task in baseline:
+            delta = s["accuracy"] - baseline[task]["accuracy"]
+            row += f"{baseline[task]['accuracy']:>9.1%}{delta:>+8.1%}"
+            row += "  (tuned)" if task in tuned else "  (forgetting)"
+        rows.append(row)
+        for difficulty, d in s.get("by_difficulty", {}).items():
+            if len(s["by_difficulty"]) > 1:
+                rows.append(f"  {difficulty:<14}{d['examples']:>9}{d['accuracy']:>10.1%}")
+    return "\n".join(rows)
+
+
+def evaluate(config: Any) -> dict:
+    """Runs the evaluation; returns the summary written to summary.json."""
+    if not config.workdir:
+        raise UserError("--config.workdir is required (paths may use {workdir})")
+    tasks = task_list(config)
+    output = Path(stages.workdir_path(config, config.eval.output)).expanduser()
+    baseline = None
+    if config.eval.predictions:
+        lines, summaries = score_predictions(config, tasks)
+    else:
+        mesh = sharding.make_mesh(config.mesh.shape)
+        cfg, params, tokenizer = load_checkpoint(config, config.eval.checkpoint, mesh)
+        lines, summaries = evaluate_model(config, cfg, params, tokenizer, tasks, mesh)
+        if config.eval.baseline:
+            del params
+            cfg, params, tokenizer = load_checkpoint(config, config.eval.baseline, mesh)
+            _, baseline = evaluate_model(config, cfg, params, tokenizer, tasks, mesh)
+    tuned = {t.strip() for t in config.eval.tuned_tasks.split(",") if t.strip()}
+    summary = {"tasks": summaries}
+    if baseline is not None:
+        summary["baseline"] = baseline
+        summary["forgetting"] = {task: summaries[task]["accuracy"] - baseline[task]["accuracy"]
+                                 for task in tasks if task not in tuned}
+    if jax.process_index() == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        for task, task_lines in lines.items():
+            with open(output / f"{task}.jsonl", "w", encoding="utf-8") as file:
+                file.writelines(json.dumps(line, default=str) + "\n" for line in task_lines)
+        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(format_table(summaries, baseline, tuned))
+        print(f"wrote {output / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    stages.run(evaluate)

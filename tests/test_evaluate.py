@@ -1,0 +1,89 @@
+"""`python -m dasd_jax.evaluate` end to end on tiny models, and scoring completions made elsewhere."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dasd_jax import evaluate, hf, perplexity
+from dasd_jax.errors import UserError
+from dasd_jax.tasks import commonsense
+from configs import math as math_config
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is not present")
+
+
+def tiny_config(workdir, **eval_settings):
+    config = math_config.get_config("tiny")
+    config.workdir = str(workdir)
+    config.eval.update({"limit": 3, "max_new_tokens": 8, "batch_size": 4, **eval_settings})
+    return config
+
+
+def test_tiny_evaluate_prints_its_table_with_a_forgetting_column(tmp_path):
+    checkpoint = perplexity.embedded_checkpoint(tmp_path / "ckpt")
+    result = subprocess.run(
+        [sys.executable, "-m", "dasd_jax.evaluate", "--config=configs/math.py:tiny",
+         f"--config.workdir={tmp_path}", f"--config.eval.checkpoint={checkpoint}",
+         "--config.eval.tasks=synthetic", "--config.eval.limit=4", "--config.eval.max_new_tokens=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "synthetic" in result.stdout and "(tuned)" in result.stdout
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["tasks"]["synthetic"]["examples"] == 4
+    lines = (tmp_path / "eval" / "synthetic.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and {"id", "completion", "correct", "difficulty"} <= set(json.loads(lines[0]))
+
+
+@needs_data
+def test_every_task_family_runs_on_a_few_real_examples(tmp_path):
+    paths = commonsense.default_paths(DATA)
+    paths.update(gsm8k=str(DATA / "gsm8k" / "test.jsonl"), math500=str(DATA / "math500" / "test.jsonl"),
+                 humaneval=str(DATA / "humaneval" / "HumanEval.jsonl.gz"),
+                 mbpp=str(DATA / "mbpp" / "mbpp.jsonl"))
+    config = tiny_config(tmp_path, tasks=",".join(evaluate.TASKS), checkpoint="base", baseline="",
+                         prompt_buckets=(512, 1024, 2048))
+    config.eval.paths.update(paths)
+    summary = evaluate.evaluate(config)
+    assert set(summary["tasks"]) == set(evaluate.TASKS)
+    for task, numbers in summary["tasks"].items():
+        examples = numbers["examples"] + numbers.get("skipped_prompt_too_long", 0)
+        assert examples == 3 and 0 <= numbers["accuracy"] <= 1, task
+    assert "acc_norm" in summary["tasks"]["piqa"]
+    assert set(summary["tasks"]["math500"]["by_difficulty"]) <= {f"level={i}" for i in range(1, 6)}
+
+
+@needs_data
+def test_predictions_made_elsewhere_are_scored_without_a_model(tmp_path):
+    gold = [json.loads(line) for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]]
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(
+        json.dumps({"task": "gsm8k", "id": str(i), "completion": row["answer"] if i % 2 == 0
+                    else "The answer is -1."}) + "\n" for i, row in enumerate(gold)))
+    config = tiny_config(tmp_path, tasks="gsm8k", predictions=str(predictions), limit=0)
+    config.eval.paths.gsm8k = str(DATA / "gsm8k" / "test.jsonl")
+    summary = evaluate.evaluate(config)
+    assert summary["tasks"]["gsm8k"] == {**summary["tasks"]["gsm8k"], "examples": 4, "accuracy": 0.5}
+
+
+def test_an_orbax_workdir_is_evaluated_from_its_latest_checkpoint(tmp_path):
+    from dasd_jax import train
+    config = tiny_config(tmp_path, tasks="synthetic", checkpoint=str(tmp_path), baseline="")
+    config.train.update(steps=3, warmup_steps=1, batch_size=8)
+    config.checkpoint.export = False
+    train.train(config)
+    assert evaluate.evaluate(config)["tasks"]["synthetic"]["examples"] == 3
+    with pytest.raises(Exception):
+        hf.load(tmp_path / "hf")
+
+
+def test_unknown_tasks_and_missing_paths_are_named(tmp_path):
+    with pytest.raises(UserError, match=r"eval.tasks='gsm9k': choose from gsm8k"):
+        evaluate.evaluate(tiny_config(tmp_path, tasks="gsm9k"))
+    config = tiny_config(tmp_path, tasks="humaneval", checkpoint="base", baseline="")
+    with pytest.raises(UserError, match=r"no data path for humaneval: set --config.eval.paths.humaneval"):
+        evaluate.evaluate(config)
