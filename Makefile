@@ -20,7 +20,7 @@ demo: $(VENV)/.runtime-installed
 
 ## test: the whole test suite (CPU, offline)
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 ## bench: forward-pass throughput of a tiny decoder on this machine
 bench: $(VENV)/.runtime-installed
