@@ -255,3 +255,17 @@ def test_concurrent_runs_are_independent():
     with ThreadPoolExecutor(3) as pool:
         outcomes = list(pool.map(run_python, sources))
     assert [o.stdout.strip() for o in outcomes] == [str(i) for i in range(6)]
+
+
+def test_an_interpreter_inside_tmp_is_still_reachable_behind_the_private_tmp(tmp_path):
+    # CI clones (and their virtualenvs) may live under /tmp, which the sandbox replaces.
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    outcome = run_python("import sys; print(sys.prefix)", python=str(venv / "bin" / "python"),
+                         timeout_s=5)
+    assert outcome.status == "passed", outcome.stderr
+    assert outcome.stdout.strip() == str(venv)

@@ -133,15 +133,28 @@ RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 409
 KEPT = {"nodev": NODEV, "noexec": NOEXEC, "noatime": 1024, "nodiratime": 2048,
         "relatime": 1 << 21, "strictatime": 1 << 24}
 
+def interpreter_directories():
+    # The launcher runs with -S, so sys.prefix is the base interpreter's even in a virtualenv:
+    # the virtualenv's root (two levels above its bin/python) is named explicitly.
+    python = os.path.abspath(c["python"])
+    needed = sorted({os.path.realpath(p) for p in
+                     (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(python)),
+                      os.path.dirname(os.path.realpath(python)))})
+    return [d for i, d in enumerate(needed)
+            if not any(d.startswith(o.rstrip("/") + "/") for o in needed[:i])]
+
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
+
+def under_scratch(directory):
+    return any(directory == s or directory.startswith(s + "/") for s in SCRATCH)
+
 def expose_interpreter():
     # An interpreter under a directory others cannot enter (pyenv in /root, mode 700): cover
     # that directory with a tmpfs holding only the interpreter's own directories, bound in.
-    needed = sorted({os.path.realpath(p) for p in
-                     (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(c["python"])))})
-    needed = [d for i, d in enumerate(needed)
-              if not any(d.startswith(o.rstrip("/") + "/") for o in needed[:i])]
     closed = {}
-    for directory in needed:
+    for directory in interpreter_directories():
+        if under_scratch(directory):
+            continue  # put back after the private /tmp is mounted, see below
         parts = directory.strip("/").split("/")
         for depth in range(1, len(parts)):
             ancestor = "/" + "/".join(parts[:depth])
@@ -200,11 +213,20 @@ if isolated:
                 mount(None, target, None, REMOUNT | BIND | RDONLY | NOSUID | flags, None)
             except OSError:
                 pass  # a mount hidden under another one, or one this namespace cannot change
+        # An interpreter (a virtualenv) under /tmp, /var/tmp or /dev/shm would vanish under the
+        # private /tmp: hold on to its directories and bind them back, read-only.
+        scratch_handles = {d: os.open(d, os.O_PATH | os.O_DIRECTORY)
+                           for d in interpreter_directories() if under_scratch(d)}
         mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV,
               "size=%dm,nr_inodes=%d,mode=1777" % (c["disk_mb"], 16 * c["disk_mb"] + 256))
         for target in ("/var/tmp", "/dev/shm"):
             if os.path.isdir(target):
                 mount("/tmp", target, None, BIND, None)
+        for directory, handle in scratch_handles.items():
+            os.makedirs(directory, 0o755, exist_ok=True)
+            mount("/proc/self/fd/%d" % handle, directory, None, BIND | REC, None)
+            mount(None, directory, None, REMOUNT | BIND | RDONLY | NOSUID, None)
+            os.close(handle)
         cwd = "/tmp/" + os.path.basename(c["workdir"])
         os.mkdir(cwd, 0o700)
         os.chown(cwd, c["uid"], c["gid"])
