@@ -19,6 +19,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.dry_run = False  # print param count and per-device memory of the compiled step, exit
 
+    config.distributed = ml_collections.ConfigDict()
+    # Multi-host runs (one process per host). TPU pods and SLURM jobs are detected by JAX
+    # itself; for other GPU hosts give all three (launch/gpu_multihost.sh does).
+    config.distributed.coordinator = ""  # "host:port" of process 0
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    config.distributed.initialization_timeout = 300  # seconds to wait for every process
+
     config.model = ml_collections.ConfigDict()
     config.model.path = ""  # HF checkpoint directory or hub id; "" = random init from model.random
     config.model.param_dtype = "float32"  # trainee params (and optimizer state) dtype

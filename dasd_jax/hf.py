@@ -453,18 +453,10 @@ def load(path: str | os.PathLike, dtype: Any = None, mesh: jax.sharding.Mesh | N
 # ----------------------------------------------------------------------------- writing
 
 
-def _to_host(array) -> np.ndarray:
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def _hf_tensors(cfg, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, tensor) pairs, one param at a time on the host."""
     for entry in tensor_table(cfg):
-        host = _to_host(_get(params, entry.path)).astype(dtype)
+        host = sharding_lib.to_host(_get(params, entry.path)).astype(dtype)
         if entry.per_layer:
             for i, name in enumerate(_hf_names(entry, cfg.num_layers)):
                 yield name, _to_hf_layout(host[i], entry)

@@ -52,10 +52,13 @@ def fingerprint(config: Any) -> dict:
 
 
 class OutputFile:
-    """Append-only JSONL of rewrites: whole lines only, synced per batch, one fingerprint."""
+    """Append-only JSONL of rewrites: whole lines only, synced per batch, one fingerprint.
 
-    def __init__(self, path: Path, settings: dict):
-        self.path = path
+    writer=False (processes other than 0 of a multi-host run): reads the ids done, never writes.
+    """
+
+    def __init__(self, path: Path, settings: dict, writer: bool = True):
+        self.path, self.writer = path, writer
         self.meta_path = path.with_name(path.name + ".meta.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.meta_path.exists():
@@ -67,6 +70,8 @@ class OutputFile:
                     f"{path} was written with other settings ({', '.join(changed)} differ); "
                     "refusing to append. Choose another --config.rewrite.output, or delete the "
                     "file and its .meta.json to start over")
+        elif not writer:
+            raise UserError(f"{self.meta_path} is missing: process 0 did not create it")
         elif path.exists() and path.stat().st_size:
             raise UserError(f"{path} exists without {self.meta_path.name}, so its settings are "
                             "unknown; refusing to append. Move it away or choose another "
@@ -80,7 +85,7 @@ class OutputFile:
             return []
         raw = self.path.read_bytes()
         keep = raw[:raw.rfind(b"\n") + 1]  # a crash can only cut the last line short
-        if len(keep) != len(raw):
+        if len(keep) != len(raw) and self.writer:
             with open(self.path, "r+b") as file:
                 file.truncate(len(keep))
         return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
@@ -249,8 +254,16 @@ def rewrite(config: Any) -> dict:
     if not config.rewrite.input:
         raise UserError("--config.rewrite.input is required: the (prompt, reference) records")
     mesh = sharding.make_mesh(config.mesh.shape)
-    output = OutputFile(Path(stages.workdir_path(config, config.rewrite.output)).expanduser(),
-                        fingerprint(config))
+    output_path = Path(stages.workdir_path(config, config.rewrite.output)).expanduser()
+    primary = jax.process_index() == 0
+    if primary:
+        output = OutputFile(output_path, fingerprint(config))
+    if jax.process_count() > 1:  # the others read what process 0 validated and repaired
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rewrite output file ready")
+    if not primary:
+        output = OutputFile(output_path, fingerprint(config), writer=False)
     records = data.load_records(
         stages.workdir_path(config, config.rewrite.input), config.rewrite.split,
         config.rewrite.fields, target="reference",
@@ -264,13 +277,12 @@ def rewrite(config: Any) -> dict:
     cfg, params, tokenizer = stages.load_model(config, mesh)
     skipped, skipped_ids = Counter(), {}
     todo = _prepare(config, cfg, tokenizer, todo, skipped, skipped_ids)
-    primary = jax.process_index() == 0
 
     from tqdm import tqdm
 
     progress = tqdm(total=len(todo), unit="example", disable=not primary, desc="rewrite")
     rng = jax.random.PRNGKey(config.seed)
-    tokens = kept = 0
+    tokens = kept = done = 0
     started = time.perf_counter()
     size = config.rewrite.batch_size
     with sharding.activation_rules(mesh, config.mesh.rules):
@@ -282,9 +294,10 @@ def rewrite(config: Any) -> dict:
                 output.append(lines)
             tokens += decoded_tokens
             kept += sum(line["source"] == "rewrite" for line in lines)
+            done += len(lines)
             progress.update(len(lines))
             progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
-                                 accepted=f"{kept / progress.n:.2f}")
+                                 accepted=f"{kept / done:.2f}")
     progress.close()
     summary = summarize(output.records(), skipped, skipped_ids)
     if primary:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dasd_jax import losses, model
+from dasd_jax import losses, model, sharding
 from dasd_jax.errors import UserError
 
 Array = jax.Array
@@ -212,7 +212,7 @@ def _run(cfg, params, prompts, settings: Settings, rng, step_kind: str) -> list[
     *outputs, cache = _decode(cfg, settings, step_kind, params, logits, cache, positions, rng)
     cache.keys.delete()
     cache.values.delete()
-    out_tokens, done, records, steps = jax.device_get(outputs)
+    out_tokens, done, records, steps = sharding.to_host(outputs)
     results = []
     for row in range(out_tokens.shape[0]):
         emitted = out_tokens[row, :int(steps)]
@@ -253,7 +253,7 @@ def score(cfg: model.ModelConfig, params, contexts: Sequence[Sequence[int]],
     tokens = np.zeros((len(sequences), length), np.int32)
     for row, sequence in enumerate(sequences):
         tokens[row, :len(sequence)] = sequence
-    stats = jax.device_get(_score(cfg, params, tokens))
+    stats = sharding.to_host(_score(cfg, params, tokens))
     out = []
     for row, (context, continuation) in enumerate(zip(contexts, continuations)):
         span = slice(len(context) - 1, len(context) - 1 + len(continuation))

@@ -137,3 +137,16 @@ class MeshJit:
     def lower(self, *args):
         with activation_rules(self.mesh, self.rules):
             return self.jitted.lower(*args)
+
+
+def to_host(tree):
+    """numpy copies of a pytree of arrays, gathering the shards other processes hold (every
+    process must call this for a multi-host array)."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(fetch, tree)

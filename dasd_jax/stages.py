@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -30,9 +31,36 @@ def run(stage: Callable[[Any], object]) -> None:
             absl_logging.set_verbosity(absl_logging.WARNING)
         if CONFIG.value is None:
             raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
+        initialize_distributed(CONFIG.value)
         stage(CONFIG.value)
 
     app.run(main)
+
+
+def _cluster_detected() -> bool:
+    """Whether JAX can find its peers by itself: a multi-host TPU slice or a multi-task SLURM job."""
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    return len(tpu_hosts) > 1 or (slurm_tasks > 1 and "SLURM_PROCID" in os.environ)
+
+
+def initialize_distributed(config: Any) -> None:
+    """`jax.distributed.initialize` for a multi-host run; nothing for a single process.
+
+    Explicit `distributed.coordinator`, `num_processes`, `process_id` win; otherwise TPU pods and
+    SLURM jobs are detected from their environment. Must run before JAX touches a device.
+    """
+    settings = config.distributed
+    if settings.coordinator:
+        if settings.num_processes < 1 or not 0 <= settings.process_id < settings.num_processes:
+            raise UserError(
+                "--config.distributed.coordinator needs --config.distributed.num_processes=N "
+                "and --config.distributed.process_id=i with 0 <= i < N")
+        jax.distributed.initialize(
+            settings.coordinator, settings.num_processes, settings.process_id,
+            initialization_timeout=settings.initialization_timeout)
+    elif _cluster_detected():
+        jax.distributed.initialize(initialization_timeout=settings.initialization_timeout)
 
 
 def workdir_path(config: Any, path: str) -> str:
