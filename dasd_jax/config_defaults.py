@@ -198,6 +198,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.data.buckets = (192, 256)
     config.train.steps = 60
     config.train.batch_size = 16
+    config.train.micro_batches = 1
     config.train.log_every = 10
     config.train.eval_batches = 2
     config.train.learning_rate = 3e-3

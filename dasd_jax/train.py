@@ -142,9 +142,12 @@ def train(config: Any) -> dict[str, float]:
     validate(config)
     mesh = sharding.make_mesh(config.mesh.shape)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % shards:
-        raise UserError(f"--config.train.batch_size={config.train.batch_size} must be a multiple "
-                        f"of the mesh's data x fsdp size {shards} (mesh {dict(mesh.shape)})")
+    micro_batch, remainder = divmod(config.train.batch_size, config.train.micro_batches)
+    if remainder or micro_batch % shards:
+        raise UserError(
+            f"--config.train.batch_size={config.train.batch_size} / --config.train.micro_batches="
+            f"{config.train.micro_batches} must be a whole multiple of the mesh's data x fsdp size "
+            f"{shards} (mesh {dict(mesh.shape)}), so that every device works on its own examples")
     if config.dry_run:
         return dry_run(config, mesh)
     workdir = Path(config.workdir).expanduser()

@@ -150,3 +150,12 @@ def test_every_task_config_and_variant_builds():
     with pytest.raises(ValueError, match="unknown config variant 'huge'"):
         math_config.get_config("huge")
     assert config_defaults.base_config().selection.rule == "dasd"
+
+
+def test_micro_batches_the_mesh_cannot_split_are_refused():
+    config = math_config.get_config("tiny")
+    config.workdir = "/unused"
+    config.train.update(batch_size=16, micro_batches=4)  # 4 per micro-batch on 8 devices
+    with pytest.raises(UserError, match=r"batch_size=16 / --config.train.micro_batches=4 must be "
+                                        r"a whole multiple of the mesh's data x fsdp size 8"):
+        train.train(config)
