@@ -12,6 +12,9 @@ $(VENV)/.runtime-installed: requirements.txt pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } || \
+	  echo "shellcheck is not installed: the launch scripts' lint test will be skipped"
 	touch $@
 
 ## demo: the main job on the embedded default (perplexity of a tiny checkpoint it writes and reloads)
