@@ -437,14 +437,17 @@ def check_cached_base_signals(examples: Sequence[Example]) -> None:
 # ----------------------------------------------------------------------------- batching
 
 
-def _bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= length."""
+def smallest_bucket(length: int, buckets: Sequence[int], fix: str) -> int:
+    """The smallest bucket >= length; UserError saying `fix` when none is long enough."""
     fitting = [bucket for bucket in buckets if bucket >= length]
     if not fitting:
-        raise UserError(f"an example has {length} tokens, more than the largest bucket "
-                        f"{max(buckets, default=0)}; --config.data.buckets must include "
-                        "data.max_seq_len")
+        raise UserError(f"a sequence of {length} tokens is longer than the largest length bucket "
+                        f"{max(buckets, default=0)}; {fix}")
     return min(fitting)
+
+
+def _bucket(length: int, buckets: Sequence[int]) -> int:
+    return smallest_bucket(length, buckets, "--config.data.buckets must include data.max_seq_len")
 
 
 def collate(examples: Sequence[Example], buckets: Sequence[int], pad_id: int) -> dict:

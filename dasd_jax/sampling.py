@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dasd_jax import losses, model, sharding
+from dasd_jax import data, losses, model, sharding
 from dasd_jax.errors import UserError
 
 Array = jax.Array
@@ -181,12 +181,8 @@ def _decode(cfg: model.ModelConfig, settings: Settings, step_kind: str, params, 
 
 
 def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
-    fitting = [bucket for bucket in buckets if bucket >= length]
-    if not fitting:
-        raise UserError(f"a sequence of {length} tokens is longer than the largest length bucket "
-                        f"{max(buckets)}; add a larger one to the stage's prompt_buckets "
-                        "(--config.rewrite.prompt_buckets / --config.eval.prompt_buckets)")
-    return min(fitting)
+    return data.smallest_bucket(length, buckets, "add a larger one to the stage's prompt_buckets "
+                                "(--config.rewrite.prompt_buckets / --config.eval.prompt_buckets)")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):

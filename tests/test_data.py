@@ -353,6 +353,6 @@ def test_batches_resumed_from_state_reproduce_the_same_subsequent_batches():
 def test_batches_refuse_too_few_examples_and_examples_longer_than_the_largest_bucket():
     with pytest.raises(UserError, match=r"3 examples are fewer than the batch size 4"):
         data.Batches(make_examples([4] * 3), 4, seed=0, buckets=(8,), pad_id=0)
-    with pytest.raises(UserError, match=r"an example has 9 tokens, more than the largest bucket "
-                                        r"8; --config.data.buckets must include"):
+    with pytest.raises(UserError, match=r"a sequence of 9 tokens is longer than the largest length "
+                                        r"bucket 8; --config.data.buckets must include"):
         data.Batches(make_examples([4, 9]), 1, seed=0, buckets=(8,), pad_id=0)
