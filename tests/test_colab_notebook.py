@@ -1,6 +1,5 @@
 """launch/colab_tpu_demo.ipynb executes top to bottom on CPU with the small setting."""
 
-import os
 from pathlib import Path
 
 import pytest
