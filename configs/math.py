@@ -7,10 +7,13 @@ stage 2 trains on that file:
     python -m dasd_jax.train --config=configs/math.py --config.workdir=runs/math
 
 Offline, with a local copy of GSM8K: `--config.rewrite.input=/path/to/gsm8k/train.jsonl`.
-Tiny offline run (random model, generated arithmetic records, < 2 min on 2 CPU cores):
+Tiny offline run (random model, generated arithmetic records, < 2 min on 2 CPU cores); `:tiny`
+trains on the generated references, the two extra flags train on the tiny rewrites instead:
 
     python -m dasd_jax.rewrite --config=configs/math.py:tiny --config.workdir=/tmp/dasd-tiny
     python -m dasd_jax.train --config=configs/math.py:tiny --config.workdir=/tmp/dasd-tiny
+    python -m dasd_jax.train --config=configs/math.py:tiny --config.workdir=/tmp/dasd-tiny \
+        --config.data.path={workdir}/rewrites.jsonl --config.data.target=response
 
 Baselines are one flag: `:sft` (rule all on references), `:sdft` (rule all on rewrites; rewrite
 with `--config.rewrite.mode=sdft`), `--config.selection.rule=ppl_filter|rho1|dft|random`.
