@@ -155,6 +155,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.analyze.limit = 0  # records per source (0 = all)
     config.analyze.examples = 20  # records per source shown in tokens.html
 
+    config.demo = ml_collections.ConfigDict()
+    config.demo.enabled = False  # `:demo`: train.py runs the whole embedded pipeline (demo.py)
+    config.demo.cache_dir = "~/.cache/dasd_jax/demo"  # pretrained bases, keyed by their settings
+    config.demo.pretrain_examples = 16000
+    config.demo.pretrain_steps = 1000
+    config.demo.pretrain_batch_size = 16
+    config.demo.pretrain_learning_rate = 5e-3
+    config.demo.finetune_examples = 256
+    config.demo.finetune_steps = 100
+    config.demo.finetune_learning_rate = 1e-3
+    config.demo.eval_examples = 100
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100
     config.checkpoint.max_to_keep = 3
@@ -177,6 +189,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.model.path = ""
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"  # bf16 is slower than fp32 on CPUs
+    config.data.system_prompt = ""  # the generated worlds have no system message
     config.data.path = "generated"  # tasks.synthetic records: prompt + reference, no rewrite
     config.data.eval_path = "generated"
     config.data.target = "reference"
@@ -212,6 +225,32 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.checkpoint.export_dtype = "float32"
 
 
+def demo(config: ml_collections.ConfigDict) -> None:
+    """The embedded demo (dasd_jax/demo.py): pretrain a base in the generated world, rewrite,
+    fine-tune five ways, evaluate, analyze. Offline; minutes on 2 CPU cores."""
+    tiny(config)
+    config.workdir = config.workdir or "/tmp/dasd_jax_demo"
+    config.demo.enabled = True
+    config.model.random.update(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
+                               num_kv_heads=4, head_dim=32)
+    config.data.buckets = (64, 128, 192, 256)
+    config.train.batch_size = 16
+    config.rewrite.update(batch_size=64, max_new_tokens=48, prompt_buckets=(64, 128, 256))
+    config.eval.update(batch_size=50, prompt_buckets=(64, 128))
+    config.checkpoint.update(every=1000, max_to_keep=1)
+    config.selection.update(tau_quantile=None, tau=0.1, tau_min=0.01)  # the real DASD rule
+
+
+def demo_small(config: ml_collections.ConfigDict) -> None:
+    """The demo pipeline at a test's size: every stage runs, nothing is learned."""
+    demo(config)
+    config.demo.update(pretrain_examples=256, pretrain_steps=10, finetune_examples=16,
+                       finetune_steps=4, eval_examples=4)
+    config.rewrite.update(batch_size=8, max_new_tokens=8)
+    config.eval.update(batch_size=4, max_new_tokens=8)
+    config.train.batch_size = 8
+
+
 def sft(config: ml_collections.ConfigDict) -> None:
     """Plain SFT on the reference answers: rule `all`, target `reference`."""
     config.selection.rule = "all"
@@ -224,7 +263,7 @@ def sdft(config: ml_collections.ConfigDict) -> None:
     config.data.target = "response"
 
 
-VARIANTS = {"tiny": tiny, "sft": sft, "sdft": sdft}
+VARIANTS = {"tiny": tiny, "demo": demo, "demo_small": demo_small, "sft": sft, "sdft": sdft}
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

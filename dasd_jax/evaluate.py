@@ -62,6 +62,13 @@ def _code_grade(family):
     return grade
 
 
+def _demo_task(difficulty: str) -> GenerativeTask:
+    return GenerativeTask(
+        load=lambda path, split, limit, seed: synthetic.eval_records(limit or 200, seed, difficulty),
+        prompt=lambda item: item["prompt"], grade=_synthetic_grade,
+        difficulty=lambda item: f"steps={item['reference'].count('=')}")
+
+
 GENERATIVE = {
     "gsm8k": GenerativeTask(
         load=lambda path, split, limit, seed: gsm8k.load(path, split, limit),
@@ -86,8 +93,11 @@ GENERATIVE = {
     "synthetic": GenerativeTask(
         load=_synthetic_items, prompt=lambda item: item["prompt"], grade=_synthetic_grade,
         difficulty=lambda item: f"steps={item['reference'].count('=')}"),
+    "demo_easy": _demo_task("easy"),  # the demo world's held-out problems (tasks.synthetic)
+    "demo_hard": _demo_task("hard"),
 }
 TASKS = tuple(GENERATIVE) + MULTIPLE_CHOICE
+GENERATED = ("synthetic", "demo_easy", "demo_hard")  # made by tasks.synthetic: no data path
 
 
 def task_list(config: Any) -> list[str]:
@@ -100,7 +110,7 @@ def task_list(config: Any) -> list[str]:
 
 def load_items(config: Any, task: str) -> list[dict]:
     path = stages.workdir_path(config, config.eval.paths.get(task, "") or "")
-    if not path and task != "synthetic":
+    if not path and task not in GENERATED:
         raise UserError(f"no data path for {task}: set --config.eval.paths.{task}=PATH")
     if task in MULTIPLE_CHOICE:
         return commonsense.load(task, path, commonsense.default_split(task), config.eval.limit)

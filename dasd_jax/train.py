@@ -238,7 +238,12 @@ def train(config: Any) -> dict[str, float]:
 
 def main(config: Any) -> None:
     started = time.time()
-    train(config)
+    if config.demo.enabled:
+        from dasd_jax import demo
+
+        demo.run(config)
+    else:
+        train(config)
     if jax.process_index() == 0 and not config.dry_run:
         print(f"done in {time.time() - started:.0f} s; workdir {config.workdir}")
 

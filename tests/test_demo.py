@@ -1,0 +1,31 @@
+"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, five fine-tunes,
+evaluation, analysis, one table."""
+
+import json
+
+from dasd_jax import demo
+from configs import math as math_config
+
+
+def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsys):
+    config = math_config.get_config("demo_small")
+    config.workdir = str(tmp_path / "run")
+    config.demo.cache_dir = str(tmp_path / "cache")
+    table = demo.run(config)
+
+    assert set(table["results"]) == {"base", *demo.METHODS}
+    for name, scores in table["results"].items():
+        assert 0 <= scores["demo_hard"] <= 1 and 0 <= scores["demo_easy"] <= 1, name
+    assert table["results"]["SFT"]["kept_ratio"] == 1.0
+    assert set(table["high_ppl_10"]) == {"references", "sdft", "dasd"}
+    assert set(table["seconds"]) == {"pretrain", "rewrite", "evaluate", "finetune", "analyze"}
+    printed = capsys.readouterr().out
+    assert "hard acc" in printed and "PPL filter" in printed
+    saved = json.loads((tmp_path / "run" / "demo_results.json").read_text())
+    assert saved["results"].keys() == table["results"].keys()
+    assert (tmp_path / "run" / "analysis" / "tokens.html").exists()
+
+    # A second run finds the pretrained base in the cache.
+    config.workdir = str(tmp_path / "again")
+    assert demo.pretrained_base(config, print) == next((tmp_path / "cache").iterdir())
+    assert "cached at" in capsys.readouterr().out
