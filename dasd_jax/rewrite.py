@@ -4,7 +4,8 @@ For each (prompt, reference) record the model writes its own response with the r
 context (the answer-aware prompt of `rewrite.template`): mode `sdft` decodes from that context
 alone, mode `dasd` co-decodes with the plain-prompt base context (sampling.codecode). A rewrite is
 kept when it finished, reaches the reference's final answer and leaks no template phrase;
-otherwise the record falls back to the reference (`source = "reference"`, `fallback_reason`).
+otherwise the record falls back to the reference (`source = "reference"`, `fallback_reason`, and
+the decoded text as `rejected_rewrite`, for inspection).
 
 Each output line holds `id, prompt, reference, response, response_ids, source, ref_logprobs,
 base_logprobs, base_top1, n_candidates`: per response token, log πref, log π0 and max π0 (from
@@ -178,8 +179,8 @@ def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tup
             ids = data.response_tokens(record["prompt"], record["reference"], tokenizer,
                                        config.data)
             line.update(response=record["reference"], response_ids=ids, source="reference",
-                        fallback_reason=reason, ref_logprobs=None, base_logprobs=None,
-                        base_top1=None, n_candidates=None)
+                        fallback_reason=reason, rejected_rewrite=text, ref_logprobs=None,
+                        base_logprobs=None, base_top1=None, n_candidates=None)
         out.append(line)
         if line["ref_logprobs"] is None:
             to_score.append((line, "ref", record["reference_prompt"]))

@@ -39,7 +39,7 @@ def test_tiny_rewrite_runs_offline_and_its_output_trains_unchanged(tmp_path):
     assert len(lines) == 8 and len({line["id"] for line in lines}) == 8
     for line in lines:  # a random model never finishes: every record falls back, fully scored
         assert line["source"] == "reference" and line["fallback_reason"] == "unfinished"
-        assert line["response"] == line["reference"]
+        assert line["response"] == line["reference"] and isinstance(line["rejected_rewrite"], str)
         assert len(line["ref_logprobs"]) == len(line["base_logprobs"]) == len(line["response_ids"])
     summary = json.loads((tmp_path / "rewrites.jsonl.summary.json").read_text())
     assert summary["records"] == 8 and summary["fallback_reasons"] == {"unfinished": 8}
