@@ -139,11 +139,10 @@ def load_checkpoint(config: Any, path: str, mesh):
 
 
 def _settings(config, cfg, tokenizer) -> sampling.Settings:
-    eos = cfg.eos_token_ids + tuple(i for i in (tokenizer.eos_token_id,)
-                                    if i is not None and i not in cfg.eos_token_ids)
     return sampling.Settings(
         max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
-        top_p=config.eval.top_p, eos_ids=eos, prompt_buckets=tuple(config.eval.prompt_buckets))
+        top_p=config.eval.top_p, eos_ids=sampling.stop_ids(cfg, tokenizer),
+        prompt_buckets=tuple(config.eval.prompt_buckets))
 
 
 def generate_completions(config, cfg, params, tokenizer, prompts: list[str]) -> list[str]:

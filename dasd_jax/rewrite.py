@@ -128,11 +128,10 @@ def settings_from(config: Any, cfg, tokenizer) -> sampling.Settings:
     """Decoding settings; decoding stops at any end-of-sequence id of the model's configs or its
     tokenizer."""
     rewrite = config.rewrite
-    eos = cfg.eos_token_ids + tuple(
-        i for i in (tokenizer.eos_token_id,) if i is not None and i not in cfg.eos_token_ids)
     return sampling.Settings(
         max_new_tokens=rewrite.max_new_tokens, temperature=rewrite.temperature,
-        top_k=rewrite.top_k, top_p=rewrite.top_p, min_p=rewrite.min_p, eos_ids=eos,
+        top_k=rewrite.top_k, top_p=rewrite.top_p, min_p=rewrite.min_p,
+        eos_ids=sampling.stop_ids(cfg, tokenizer),
         alpha=rewrite.alpha, candidate_top_k=rewrite.candidate_top_k,
         prompt_buckets=tuple(rewrite.prompt_buckets),
     )

@@ -68,6 +68,12 @@ class Decoded:
     n_candidates: list[int] | None = None
 
 
+def stop_ids(cfg: model.ModelConfig, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids of the model's configs, plus the tokenizer's own."""
+    extra = tokenizer.eos_token_id
+    return cfg.eos_token_ids + (() if extra is None or extra in cfg.eos_token_ids else (extra,))
+
+
 # ----------------------------------------------------------------------------- token choice
 
 

@@ -146,3 +146,12 @@ def test_decoding_on_a_mesh_shards_the_cache_and_changes_nothing(checkpoint_dir,
         on_mesh = sampling.generate(cfg, sharded, prompts, settings)
     plain = sampling.generate(cfg, params, prompts, settings)
     assert [r.tokens for r in on_mesh] == [r.tokens for r in plain]
+
+
+def test_stop_ids_join_the_model_and_tokenizer_end_of_sequence_ids(qwen3):
+    cfg, _ = qwen3
+    cfg = cfg.replace(eos_token_ids=(2, 7))
+    tokenizer = type("Tokenizer", (), {"eos_token_id": 9})()
+    assert sampling.stop_ids(cfg, tokenizer) == (2, 7, 9)
+    tokenizer.eos_token_id = 7
+    assert sampling.stop_ids(cfg, tokenizer) == (2, 7)
