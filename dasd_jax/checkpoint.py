@@ -1,10 +1,10 @@
 """Orbax checkpoints of the training run, preemption saves, and the final HF export.
 
-A checkpoint holds the TrainState (params, optimizer state, step, RNG) and the data iterator's
-position, so a resumed run reproduces the uninterrupted one exactly. Saves are asynchronous
-(training continues while arrays are written) and atomic (Orbax finalizes a step directory only
-when complete). SIGTERM / SIGINT (spot-VM preemption, Ctrl-C) request a save at the end of the
-current step, after which the trainer exits.
+A checkpoint holds the TrainState (params, or with LoRA the adapters alone; optimizer state,
+step, RNG) and the data iterator's position, so a resumed run reproduces the uninterrupted one
+exactly. Saves are asynchronous (training continues while arrays are written) and atomic (Orbax
+finalizes a step directory only when complete). SIGTERM / SIGINT (spot-VM preemption, Ctrl-C)
+request a save at the end of the current step, after which the trainer exits.
 """
 
 from __future__ import annotations
@@ -83,8 +83,16 @@ class Checkpointer:
             raise UserError(f"no checkpoint to restore in {self.directory}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except ValueError as error:  # Orbax: another tree structure or array shape on disk
+            detail = " ".join(line.strip() for line in str(error).splitlines()[:2])[:240]
+            raise UserError(
+                f"the checkpoint of step {step} in {self.directory} does not fit this run's "
+                f"training state ({detail}); it was written with other model or --config.lora "
+                "settings (LoRA checkpoints hold the adapters only): run with those settings, "
+                "or start afresh in another --config.workdir") from None
         return restored["state"], restored["data"]
 
     def wait(self) -> None:

@@ -111,6 +111,16 @@ def base_config() -> ml_collections.ConfigDict:
     # from the records (written by co-decoding rewrites), no base forward at all.
     config.train.base_confidence = "model"
 
+    config.lora = ml_collections.ConfigDict()
+    # LoRA: train low-rank adapters on frozen weights instead of every weight. The frozen
+    # weights (model.param_dtype) serve as the trainee's base and, adapters off, as DASD's base
+    # model: no second copy. Adapters and their optimizer state are float32.
+    config.lora.rank = 0  # 0 = off (full fine-tuning)
+    config.lora.alpha = 16.0  # the adapters' update is scaled by alpha / rank
+    config.lora.dropout = 0.0  # on the adapters' input, in the training forward only
+    config.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    config.lora.export_adapters = True  # also write {workdir}/adapters in PEFT's layout
+
     config.selection = ml_collections.ConfigDict()
     config.selection.rule = "dasd"  # all | dasd | ppl_filter | rho1 | dft | random
     config.selection.tau = 0.1  # fixed confidence threshold (when tau_quantile is unset)

@@ -121,19 +121,22 @@ def load_items(config: Any, task: str) -> list[dict]:
 
 
 def load_checkpoint(config: Any, path: str, mesh):
-    """(cfg, params, tokenizer) of an HF checkpoint, of the latest Orbax step in a workdir, or
-    ("" or "base") of the model the run starts from (model.path, or its random init)."""
+    """(cfg, params, tokenizer) of an HF checkpoint, of the latest Orbax step in a workdir (LoRA
+    adapters merged into the base), or ("" or "base") of the model the run starts from
+    (model.path, or its random init)."""
     path = stages.workdir_path(config, path)
     if path in ("", "base"):
         return stages.load_model(config, mesh)
     directory = Path(path).expanduser()
     if (directory / "checkpoints").is_dir():
         cfg, params, tokenizer = stages.load_model(config, mesh)
+        base_params = (step.make_base_params(config, cfg, params, mesh)
+                       if step.uses_lora(config) else None)  # LoRA: the adapters' base
         state = step.init_train_state(config, cfg, params, mesh)
         restorer = checkpoint.Checkpointer(directory, every=1, max_to_keep=1)
         state, _ = restorer.restore(state)
         restorer.close()
-        return step.trainee_config(config, cfg), state.params, tokenizer
+        return (*step.trained_model(config, cfg, state, base_params), tokenizer)
     cfg, params = hf.load(path, mesh=mesh, rules=config.mesh.rules)
     return cfg, params, hf.load_tokenizer(path, cfg)
 

@@ -2,6 +2,8 @@
 
     cfg, params = hf.load("path/or/hub-id", dtype=jnp.bfloat16, mesh=mesh)
     hf.save("out_dir", cfg, params, tokenizer=tokenizer)   # transformers / vLLM load it unchanged
+    hf.save("out_dir", cfg, params, lora=adapters)         # LoRA adapters merged in
+    hf.save_adapters("adapter_dir", cfg, adapters)         # PEFT's layout (PeftModel loads it)
     tokenizer = hf.load_tokenizer("path/or/hub-id", cfg)
 
 Conversion is a table (`tensor_table`): each HF tensor maps to one param path, per layer for the
@@ -12,6 +14,7 @@ Pickle checkpoints (`*.bin`) and custom modeling code are refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +31,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dasd_jax import lora as lora_lib
 from dasd_jax import model as model_lib
 from dasd_jax import sharding as sharding_lib
 from dasd_jax.errors import CheckpointError
@@ -40,6 +44,8 @@ ARCHITECTURES = {
 }
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel wrapping, in every key
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "consolidated*.pth")
 IGNORED_CHECKPOINT_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -453,10 +459,15 @@ def load(path: str | os.PathLike, dtype: Any = None, mesh: jax.sharding.Mesh | N
 # ----------------------------------------------------------------------------- writing
 
 
-def _hf_tensors(cfg, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, tensor) pairs, one param at a time on the host."""
+def _hf_tensors(cfg, params, dtype, lora=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, tensor) pairs, one param at a time on the host; LoRA adapters (when given)
+    are merged into their kernels one kernel at a time."""
+    adapters = lora_lib.modules(lora) if lora is not None else {}
     for entry in tensor_table(cfg):
-        host = sharding_lib.to_host(_get(params, entry.path)).astype(dtype)
+        value = _get(params, entry.path)
+        if entry.path[:-1] in adapters and entry.path[-1] == "kernel":
+            value = lora_lib.merged_kernel(cfg, value, adapters[entry.path[:-1]], dtype)
+        host = sharding_lib.to_host(value).astype(dtype)
         if entry.per_layer:
             for i, name in enumerate(_hf_names(entry, cfg.num_layers)):
                 yield name, _to_hf_layout(host[i], entry)
@@ -480,51 +491,18 @@ def _shard_plan(cfg, dtype, max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
-def save(path: str | os.PathLike, cfg: model_lib.ModelConfig, params, tokenizer=None, *,
-         dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
-
-    config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index above
-    max_shard_bytes), generation_config.json, and the tokenizer files when given. dtype: tensor
-    dtype on disk (default cfg.param_dtype). The directory appears whole or not at all: files are
-    written to a temporary sibling and renamed into place. In a multi-process run every process
-    must call this (params are gathered collectively); only process 0 writes.
-    """
+@contextlib.contextmanager
+def _written_whole(path: str | os.PathLike) -> Iterator[Path | None]:
+    """Yields a staging directory (None on processes other than 0) that becomes `path` when the
+    block ends without error, replacing any previous `path`; on error it is removed."""
     target = Path(path).expanduser()
-    dtype = jnp.dtype(dtype if dtype is not None else cfg.param_dtype)
-    writer = jax.process_index() == 0
     staging = None
-    if writer:
+    if jax.process_index() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        plan = _shard_plan(cfg, dtype, max_shard_bytes)
-        files = ([SINGLE_SAFETENSORS] if len(plan) == 1 else
-                 [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))])
-        file_of = {name: files[k] for k, names in enumerate(plan) for name in names}
-        pending: dict[str, dict[str, np.ndarray]] = {f: {} for f in files}
-        remaining = {f: len(names) for f, names in zip(files, plan)}
-        total = 0
-        for name, tensor in _hf_tensors(cfg, params, dtype):
-            file = file_of[name]
-            pending[file][name] = tensor
-            total += tensor.nbytes
-            remaining[file] -= 1
-            if remaining[file] == 0:
-                if writer:
-                    save_file(pending[file], str(staging / file), metadata={"format": "pt"})
-                pending[file] = {}
-        if writer:
-            if len(files) > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": file_of}
-                (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            (staging / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
-            generation = {"bos_token_id": cfg.bos_token_id,
-                          "eos_token_id": list(cfg.eos_token_ids) or None,
-                          "pad_token_id": cfg.pad_token_id}
-            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(staging))
+        yield staging
+        if staging is not None:
             if target.exists():
                 previous = target.with_name(f".{target.name}.previous-{os.getpid()}")
                 target.rename(previous)
@@ -536,7 +514,108 @@ def save(path: str | os.PathLike, cfg: model_lib.ModelConfig, params, tokenizer=
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+
+
+def save(path: str | os.PathLike, cfg: model_lib.ModelConfig, params, tokenizer=None, *,
+         dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, lora=None) -> Path:
+    """Writes an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index above
+    max_shard_bytes), generation_config.json, and the tokenizer files when given. dtype: tensor
+    dtype on disk (default cfg.param_dtype). lora: LoRA adapters of `cfg` (`model.init_lora`),
+    merged into their kernels (W + alpha/rank · A·B, in float32) to give an ordinary checkpoint.
+    The directory appears whole or not at all: files are written to a temporary sibling and
+    renamed into place. In a multi-process run every process must call this (params are
+    gathered collectively); only process 0 writes.
+    """
+    dtype = jnp.dtype(dtype if dtype is not None else cfg.param_dtype)
+    with _written_whole(path) as staging:
+        plan = _shard_plan(cfg, dtype, max_shard_bytes)
+        files = ([SINGLE_SAFETENSORS] if len(plan) == 1 else
+                 [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))])
+        file_of = {name: files[k] for k, names in enumerate(plan) for name in names}
+        pending: dict[str, dict[str, np.ndarray]] = {f: {} for f in files}
+        remaining = {f: len(names) for f, names in zip(files, plan)}
+        total = 0
+        for name, tensor in _hf_tensors(cfg, params, dtype, lora):
+            file = file_of[name]
+            pending[file][name] = tensor
+            total += tensor.nbytes
+            remaining[file] -= 1
+            if remaining[file] == 0:
+                if staging is not None:
+                    save_file(pending[file], str(staging / file), metadata={"format": "pt"})
+                pending[file] = {}
+        if staging is not None:
+            if len(files) > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": file_of}
+                (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (staging / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+            generation = {"bos_token_id": cfg.bos_token_id,
+                          "eos_token_id": list(cfg.eos_token_ids) or None,
+                          "pad_token_id": cfg.pad_token_id}
+            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
+    return Path(path).expanduser()
+
+
+def adapter_tensors(cfg: model_lib.ModelConfig, lora) -> Iterator[tuple[str, np.ndarray]]:
+    """(PEFT name, float32 tensor) pairs of LoRA adapters, as PEFT's LoRA layers hold them:
+    `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] and
+    `....lora_B.weight` [out, r], `in` / `out` flattened as in the HF kernel [out, in]."""
+    adapters = lora_lib.modules(lora)
+    for entry in tensor_table(cfg):
+        module = entry.path[:-1]
+        if entry.path[-1] != "kernel" or module not in adapters:
+            continue
+        a = sharding_lib.to_host(adapters[module]["lora_a"])  # [L, *in, r]
+        b = sharding_lib.to_host(adapters[module]["lora_b"])  # [L, r, *out]
+        rank = a.shape[-1]
+        for i, name in enumerate(_hf_names(entry, cfg.num_layers)):
+            prefix = PEFT_PREFIX + name[:-len("weight")]
+            yield prefix + "lora_A.weight", np.ascontiguousarray(
+                a[i].reshape(-1, rank).T.astype(np.float32))
+            yield prefix + "lora_B.weight", np.ascontiguousarray(
+                b[i].reshape(rank, -1).T.astype(np.float32))
+
+
+def adapter_config(cfg: model_lib.ModelConfig, base_model: str | None = None) -> dict:
+    """PEFT's `adapter_config.json` for the adapters of `cfg` (a LoraConfig, task CAUSAL_LM)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(cfg.lora_targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "revision": None,
+    }
+
+
+def save_adapters(path: str | os.PathLike, cfg: model_lib.ModelConfig, lora, *,
+                  base_model: str | None = None) -> Path:
+    """Writes LoRA adapters alone in PEFT's layout: `adapter_model.safetensors` (float32) and
+    `adapter_config.json`, which `peft.PeftModel.from_pretrained(base, path)` loads onto the
+    base checkpoint (`base_model`, recorded as base_model_name_or_path). Atomic and
+    multi-process like `save`."""
+    if not cfg.lora_rank:
+        raise ValueError("save_adapters needs a cfg with LoRA adapters (lora_rank > 0)")
+    tensors = dict(adapter_tensors(cfg, lora))
+    with _written_whole(path) as staging:
+        if staging is not None:
+            save_file(tensors, str(staging / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+            (staging / "adapter_config.json").write_text(
+                json.dumps(adapter_config(cfg, base_model), indent=2) + "\n")
+    return Path(path).expanduser()
 
 
 # ----------------------------------------------------------------------------- tokenizers

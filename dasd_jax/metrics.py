@@ -167,14 +167,15 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
 
 
 def step_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, base_forward: bool,
-               extra_trainee_forward: bool = False) -> float:
+               extra_trainee_forward: bool = False, weight_grads: bool = True) -> float:
     """FLOPs of one training step on a [batch_size, seq_len] batch (padding counted).
 
-    = forward_flops * (3 for the trainee's forward + backward, + 1 for the frozen base forward
-    when `base_forward`, + 1 for a no-grad trainee forward when `extra_trainee_forward`).
+    = forward_flops * (3 for the trainee's forward + backward, 2 without weight gradients (LoRA:
+    the frozen weights get none; the adapters' own FLOPs are left out), + 1 for the frozen base
+    forward when `base_forward`, + 1 for a no-grad trainee forward when `extra_trainee_forward`).
     Rematerialization's recomputed forward is not counted: this is model FLOPs, as in MFU.
     """
-    passes = 3 + int(base_forward) + int(extra_trainee_forward)
+    passes = 2 + int(weight_grads) + int(base_forward) + int(extra_trainee_forward)
     return passes * forward_flops(cfg, batch_size, seq_len)
 
 

@@ -14,6 +14,16 @@ The public surface is pure functions over a params pytree:
     logits = forward(cfg, params, tokens)                 # float[B, T, V] in cfg.dtype
     hidden = hidden_states(cfg, params, tokens)           # float[B, T, D], after the final norm
     logits = unembed(cfg, params, hidden)                 # any leading shape
+
+LoRA: with `cfg.lora_rank > 0` every projection named in `cfg.lora_targets` adds a low-rank
+update `(alpha / rank) · x·A·B`. A and B live in their own pytree (the `lora` collection,
+stacked on the layer axis like the params), so the params tree stays the HF-mapped one and
+the adapters are switched off by running the same params under a rank-0 config:
+
+    adapters = init_lora(cfg, rng)                        # B = 0: starts as the base model
+    logits = forward(cfg, params, tokens, lora=adapters)  # adapted
+    logits = forward(adapters_off(cfg), params, tokens)   # the base, from the same params
+    merged = lora.merge(cfg, params, adapters)            # plain params (dasd_jax/lora.py)
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# The projections LoRA can adapt, by their HF module names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +53,8 @@ class ModelConfig:
     """Architecture and numerics of a decoder; hashable, so it can be a static jit argument.
 
     `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the storage dtype
-    of the params. Both accept anything `jnp.dtype` accepts.
+    of the params. Both accept anything `jnp.dtype` accepts. `lora_rank > 0` adds LoRA adapters
+    (always float32) to the projections in `lora_targets` (a tuple, or a comma-separated string).
     """
 
     model_type: str
@@ -73,11 +86,16 @@ class ModelConfig:
     param_dtype: Any = "float32"
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
         problems = []
         if self.model_type not in MODEL_TYPES:
             problems.append(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
@@ -93,6 +111,12 @@ class ModelConfig:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            problems.append(f"lora_targets {unknown} are not among {LORA_TARGETS}")
+        if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0 and lora_dropout="
+                            f"{self.lora_dropout} in [0, 1)")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -110,6 +134,32 @@ class ModelConfig:
         layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * layer + d + head
+
+    @property
+    def lora_scale(self) -> float:
+        """The factor alpha / rank of the adapters' update (0 without adapters)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
+    def num_lora_params(self) -> int:
+        """Adapter parameter count: rank · (in + out) per targeted projection and layer."""
+        d, f = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        sizes = {"q_proj": d + q, "k_proj": d + kv, "v_proj": d + kv, "o_proj": q + d,
+                 "gate_proj": d + f, "up_proj": d + f, "down_proj": f + d}
+        return self.lora_rank * self.num_layers * sum(sizes[t] for t in self.lora_targets)
+
+
+def parse_lora_targets(targets) -> tuple[str, ...]:
+    """("q_proj", "v_proj") from "q_proj, v_proj" or any sequence of names."""
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    return tuple(t.strip() for t in targets if t.strip())
+
+
+def adapters_off(cfg: ModelConfig) -> ModelConfig:
+    """The same model without its LoRA adapters: run it on the same params to get the base."""
+    return cfg.replace(lora_rank=0)
 
 
 # ----------------------------------------------------------------------------- rotary embedding
@@ -256,10 +306,19 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
+def _lora_a_init(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+    """Uniform in ±1/sqrt(fan_in), fan_in = every dim but the last (the rank)."""
+    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Linear(nn.Module):
     """x[..., *in] @ kernel[*in, *features] (+ bias[*features]), `in` = the last `contract` dims.
 
     The kernel is created in its full shape, so its logical axis names always match its rank.
+    With `lora_rank > 0` it adds `lora_scale · dropout(x) @ lora_a[*in, r] @ lora_b[r, *features]`:
+    float32 variables of the `lora` collection, B zero at init; dropout runs only when a
+    `dropout` rng is given (the training forward).
     """
 
     features: tuple[int, ...]
@@ -269,6 +328,9 @@ class Linear(nn.Module):
     bias_axes: tuple[str, ...]
     dtype: Any
     param_dtype: Any
+    lora_rank: int = 0
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -277,18 +339,44 @@ class Linear(nn.Module):
                             in_shape + self.features, self.param_dtype)
         contracting = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contracting, ((), ())))
+        if self.lora_rank:
+            y = y + self._low_rank_update(x, in_shape, contracting)
         if self.use_bias:
             bias = self.param("bias", _partitioned(nn.initializers.zeros, self.bias_axes),
                               self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
+    def _low_rank_update(self, x: Array, in_shape: tuple[int, ...], contracting) -> Array:
+        """lora_scale · dropout(x) @ A @ B: [..., *features]."""
+        a_axes = self.kernel_axes[:self.contract] + ("lora_rank",)
+        b_axes = ("lora_rank",) + self.kernel_axes[self.contract:]
+        a = self.variable("lora", "lora_a", lambda: _partitioned(_lora_a_init, a_axes)(
+            self.make_rng("lora"), in_shape + (self.lora_rank,), jnp.float32)).value
+        b = self.variable("lora", "lora_b", lambda: _partitioned(nn.initializers.zeros, b_axes)(
+            self.make_rng("lora"), (self.lora_rank,) + self.features, jnp.float32)).value
+        if self.lora_dropout and self.has_rng("dropout"):
+            x = nn.Dropout(self.lora_dropout, deterministic=False)(x)
+        down = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
+                                   (contracting, ((), ())))
+        down = down * jnp.asarray(self.lora_scale, self.dtype)
+        # A size-1 batch dimension keeps this product out of what the `dots_no_batch` remat
+        # policy saves: the backward pass recomputes it from the saved [..., r] input (cheap),
+        # where saving it would double the stored projection outputs.
+        up = jax.lax.dot_general(down[None], b.astype(self.dtype)[None],
+                                 (((down.ndim,), (1,)), ((0,), (0,))))
+        return up[0]
+
 
 def _dense(cfg: ModelConfig, features, contract: int, use_bias: bool, kernel_axes, bias_axes,
            name: str | None = None) -> Linear:
     features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    lora = {}
+    if cfg.lora_rank and name in cfg.lora_targets:
+        lora = dict(lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
+                    lora_dropout=cfg.lora_dropout)
     return Linear(features, contract, use_bias, tuple(kernel_axes), tuple(bias_axes), cfg.dtype,
-                  cfg.param_dtype, name=name)
+                  cfg.param_dtype, name=name, **lora)
 
 
 class SelfAttention(nn.Module):
@@ -370,7 +458,8 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
     if cfg.remat_policy != "none":
         layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     return nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layer, variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True, "lora": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -425,13 +514,28 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- pure functions
 
 
-def _boxed_init(cfg: ModelConfig, rng: Array) -> PyTree:
+def _boxed_variables(cfg: ModelConfig, rng: Array) -> PyTree:
+    """{"params": ..., "lora": ... (with adapters)} as boxed (logically partitioned) arrays."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(cfg).init(rng, tokens, method=Decoder.init_all)["params"]
+    rngs = {"params": rng}
+    if cfg.lora_rank:  # a stream of its own, so the params equal those of the rank-0 model
+        rngs["lora"] = jax.random.fold_in(rng, 1)
+    return Decoder(cfg).init(rngs, tokens, method=Decoder.init_all)
+
+
+def _boxed_init(cfg: ModelConfig, rng: Array) -> PyTree:
+    return _boxed_variables(cfg, rng)["params"]
+
+
+def _boxed_lora(cfg: ModelConfig, rng: Array) -> PyTree:
+    return _boxed_variables(cfg, rng).get("lora", {})
 
 
 def init(cfg: ModelConfig, rng: Array) -> PyTree:
-    """Random params (HF-style normal(0.02) kernels, unit norms) as a plain pytree of arrays."""
+    """Random params (HF-style normal(0.02) kernels, unit norms) as a plain pytree of arrays.
+
+    They do not depend on cfg's LoRA fields; the adapters come from `init_lora`.
+    """
     return nn.unbox(_boxed_init(cfg, rng))
 
 
@@ -446,20 +550,59 @@ def param_logical_axes(cfg: ModelConfig) -> PyTree:
     return nn.get_partition_spec(boxed)
 
 
+def init_lora(cfg: ModelConfig, rng: Array) -> PyTree:
+    """Fresh float32 adapters of every targeted projection ({} when cfg.lora_rank == 0):
+    {"layers": {"self_attn": {"q_proj": {"lora_a": [L, D, r], "lora_b": [L, r, N, H]}, ...}}}.
+
+    lora_a is uniform in ±1/sqrt(fan_in), lora_b is zero. Run under jax.jit, the base params that
+    Flax creates on the way are never materialized.
+    """
+    return nn.unbox(_boxed_lora(cfg, rng))
+
+
+def lora_shapes(cfg: ModelConfig) -> PyTree:
+    """jax.ShapeDtypeStruct pytree of the adapters, computed without allocating anything."""
+    return nn.unbox(jax.eval_shape(functools.partial(_boxed_lora, cfg), jax.random.key(0)))
+
+
+def lora_logical_axes(cfg: ModelConfig) -> PyTree:
+    """PartitionSpec pytree of the adapters' logical axes: lora_a takes its kernel's input axes,
+    lora_b its output axes, both a leading 'layers' and a 'lora_rank' axis."""
+    boxed = jax.eval_shape(functools.partial(_boxed_lora, cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def _variables(cfg: ModelConfig, params: PyTree, lora: PyTree | None) -> dict:
+    if not cfg.lora_rank:
+        return {"params": params}
+    if lora is None:
+        raise ValueError(f"cfg has LoRA adapters (rank {cfg.lora_rank}) but no lora= tree was "
+                         "passed; pass the adapters, or run adapters_off(cfg) for the base model")
+    return {"params": params, "lora": lora}
+
+
+def _rngs(dropout_rng: Array | None) -> dict | None:
+    return None if dropout_rng is None else {"dropout": dropout_rng}
+
+
 def hidden_states(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,
-                  segment_ids: Array | None = None) -> Array:
+                  segment_ids: Array | None = None, *, lora: PyTree | None = None,
+                  dropout_rng: Array | None = None) -> Array:
     """Final-norm hidden states dtype[B, T, D] for tokens int32[B, T].
 
     positions: int32[B, T] or None (0..T-1, or restarting at each segment when segment_ids is
     given). segment_ids: int32[B, T] or None; tokens attend only to earlier tokens of the same
-    segment id (packed sequences).
+    segment id (packed sequences). lora: the adapters (`init_lora`), required when
+    cfg.lora_rank > 0 and ignored otherwise. dropout_rng: a key to apply cfg.lora_dropout
+    (training); None = no dropout.
     """
-    return Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids)
+    return Decoder(cfg).apply(_variables(cfg, params, lora), tokens, positions, segment_ids,
+                              rngs=_rngs(dropout_rng))
 
 
 def unembed(cfg: ModelConfig, params: PyTree, hidden: Array) -> Array:
     """Logits dtype[..., V] for hidden[..., D] (the tied embedding or the lm_head)."""
-    return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.unembed)
+    return Decoder(adapters_off(cfg)).apply({"params": params}, hidden, method=Decoder.unembed)
 
 
 def output_embedding(cfg: ModelConfig, params: PyTree) -> Array:
@@ -470,18 +613,24 @@ def output_embedding(cfg: ModelConfig, params: PyTree) -> Array:
 
 
 def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array,
-                   token_valid: Array, cache: KVCache) -> tuple[Array, KVCache]:
+                   token_valid: Array, cache: KVCache, *,
+                   lora: PyTree | None = None) -> tuple[Array, KVCache]:
     """Logits dtype[B, T, V] of T new tokens attending to the cache, and the updated cache.
 
     tokens, positions: int32[B, T]; token_valid: bool[B, T] (False for left padding, which no
     later token attends to). The new keys and values go to slots cache.index ... + T - 1.
+    lora: as in `hidden_states`.
     """
-    hidden, cache = Decoder(cfg).apply({"params": params}, tokens, positions, token_valid, cache,
-                                       method=Decoder.cached)
+    hidden, cache = Decoder(cfg).apply(_variables(cfg, params, lora), tokens, positions,
+                                       token_valid, cache, method=Decoder.cached)
     return unembed(cfg, params, hidden), cache
 
 
 def forward(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,
-            segment_ids: Array | None = None) -> Array:
+            segment_ids: Array | None = None, *, lora: PyTree | None = None,
+            dropout_rng: Array | None = None) -> Array:
     """Logits dtype[B, T, V] for tokens int32[B, T]; see `hidden_states` for the other inputs."""
-    return unembed(cfg, params, hidden_states(cfg, params, tokens, positions, segment_ids))
+    hidden = hidden_states(cfg, params, tokens, positions, segment_ids, lora=lora,
+                           dropout_rng=dropout_rng)
+    return unembed(cfg, params, hidden)
+

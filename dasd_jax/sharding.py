@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("lora_rank", None),  # LoRA adapters: small, their rank axis replicated
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),
@@ -110,6 +111,13 @@ def param_shardings(cfg, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     from dasd_jax import model  # local import: model does not depend on sharding
 
     return tree_shardings(model.param_logical_axes(cfg), model.param_shapes(cfg), mesh, rules)
+
+
+def lora_shardings(cfg, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedSharding pytree for `model.init_lora(cfg, ...)` adapters on `mesh`."""
+    from dasd_jax import model
+
+    return tree_shardings(model.lora_logical_axes(cfg), model.lora_shapes(cfg), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

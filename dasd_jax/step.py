@@ -9,6 +9,11 @@
 4. AdamW update with global-norm clipping, warmup + cosine schedule; metrics.
 
 Every baseline is this step with a different `config.selection.rule`.
+
+With LoRA (`config.lora.rank > 0`) the state trains the adapters alone (optimizer moments for
+them only) and `base_params` holds the frozen weights: the trainee runs them with its adapters,
+the base forward of step 1 runs the very same arrays with the adapters off, so no second copy
+of the model exists.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dasd_jax import losses, model, selection, sharding
+from dasd_jax import lora, losses, model, selection, sharding
 from dasd_jax.errors import UserError
 
 Array = jax.Array
@@ -32,7 +37,7 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "ref_logprob", "base_logprob", "
 @flax.struct.dataclass
 class TrainState:
     step: Array  # int32[]
-    params: PyTree
+    params: PyTree  # what is trained: every param, or with LoRA the adapters alone
     opt_state: PyTree
     rng: Array  # uint32[2], a raw PRNG key; step k uses fold_in(rng, k)
 
@@ -52,9 +57,10 @@ def learning_rate_schedule(train: Any) -> optax.Schedule:
 
 
 def _decays(params: PyTree) -> PyTree:
-    """Weight decay on matrices (kernels, embeddings), not on norms and biases."""
+    """Weight decay on matrices (kernels, embeddings, LoRA adapters), not on norms and biases."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+        lambda path, _: getattr(path[-1], "key", None) in (
+            "kernel", "embedding", "lora_a", "lora_b"), params)
 
 
 def make_optimizer(train: Any) -> optax.GradientTransformation:
@@ -68,32 +74,58 @@ def make_optimizer(train: Any) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- state and shardings
 
 
+def uses_lora(config: Any) -> bool:
+    """Whether the run trains LoRA adapters on a frozen base instead of every weight."""
+    return config.lora.rank > 0
+
+
 def trainee_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
-    """The trainee's ModelConfig under `config.model` numerics."""
+    """The trainee's ModelConfig under `config.model` numerics and `config.lora` adapters."""
     return cfg.replace(param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
                        remat_policy=config.model.remat_policy,
-                       attention_impl=config.model.attention_impl)
+                       attention_impl=config.model.attention_impl,
+                       **lora.model_fields(config.lora))
 
 
 def base_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
-    """The frozen base copy's ModelConfig: params and compute in `train.base_dtype`, no remat."""
+    """The frozen base's ModelConfig, no remat, computed in `train.base_dtype`: a copy stored in
+    that dtype, or with LoRA the trainee's own weights (stored in `model.param_dtype`, cast per
+    operation) with the adapters off."""
+    if uses_lora(config):
+        return model.adapters_off(cfg).replace(
+            param_dtype=config.model.param_dtype, dtype=config.train.base_dtype,
+            remat_policy="none", attention_impl=config.model.attention_impl)
     return cfg.replace(param_dtype=config.train.base_dtype, dtype=config.train.base_dtype,
                        remat_policy="none", attention_impl=config.model.attention_impl)
 
 
 def uses_base_model(config: Any) -> bool:
-    """Whether the step runs the frozen base forward (and so needs base params)."""
+    """Whether the step runs the frozen base forward."""
     return config.train.base_confidence == "model" and "base" in selection.needs(
         config.selection.rule, config.selection)
 
 
+def needs_base_params(config: Any) -> bool:
+    """Whether the step takes frozen weights: for the base forward, or as LoRA's base."""
+    return uses_lora(config) or uses_base_model(config)
+
+
+def trainable_shapes(config: Any, cfg: model.ModelConfig) -> PyTree:
+    """ShapeDtypeStructs of TrainState.params: every param, or with LoRA the adapters."""
+    cfg = trainee_config(config, cfg)
+    return model.lora_shapes(cfg) if uses_lora(config) else model.param_shapes(cfg)
+
+
 def state_shardings(config: Any, cfg: model.ModelConfig, mesh) -> TrainState:
-    """NamedSharding of every TrainState leaf: params by logical axes, optimizer moments like
-    their params, scalars replicated."""
+    """NamedSharding of every TrainState leaf: params (or adapters) by logical axes, optimizer
+    moments like their params, scalars replicated."""
     rules = config.mesh.rules
-    params = sharding.param_shardings(cfg, mesh, rules)
+    if uses_lora(config):
+        params = sharding.lora_shardings(trainee_config(config, cfg), mesh, rules)
+    else:
+        params = sharding.param_shardings(cfg, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(make_optimizer(config.train).init, model.param_shapes(cfg))
+    opt_shapes = jax.eval_shape(make_optimizer(config.train).init, trainable_shapes(config, cfg))
     opt_state = optax.tree_map_params(
         make_optimizer(config.train), lambda _, s: s, opt_shapes, params,
         transform_non_params=lambda _: replicated,
@@ -103,7 +135,12 @@ def state_shardings(config: Any, cfg: model.ModelConfig, mesh) -> TrainState:
 
 
 def init_train_state(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) -> TrainState:
-    """A step-0 TrainState around `params` (cast to `config.model.param_dtype`), on `mesh`."""
+    """A step-0 TrainState around `params` (cast to `config.model.param_dtype`), on `mesh`.
+
+    With LoRA the state holds fresh adapters instead (seeded by `config.seed`; B = 0, so the
+    trainee starts as the base) and `params` is not used: it is the frozen base that
+    `make_base_params` passes to the step.
+    """
     cfg = trainee_config(config, cfg)
     shardings = state_shardings(config, cfg, mesh)
     tx = make_optimizer(config.train)
@@ -113,17 +150,45 @@ def init_train_state(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) 
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(config.seed))
 
+    def build_adapters(key):
+        adapters = model.init_lora(cfg, key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
+                          opt_state=tx.init(adapters), rng=jax.random.PRNGKey(config.seed))
+
+    if uses_lora(config):
+        _, adapter_key = jax.random.split(jax.random.PRNGKey(config.seed))
+        return jax.jit(build_adapters, out_shardings=shardings)(adapter_key)
     return jax.jit(build, out_shardings=shardings)(params)
 
 
 def make_base_params(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) -> PyTree | None:
-    """The frozen base: a `train.base_dtype` copy of the initial params, or None when unused."""
-    if not uses_base_model(config):
+    """The frozen weights the step reads, or None when it needs none.
+
+    Full fine-tuning: a `train.base_dtype` copy of the initial params for the base forward.
+    LoRA: `params` themselves in `model.param_dtype`, the trainee's base and the base model at
+    once; arrays already in that dtype and sharding are passed on, not copied.
+    """
+    if not needs_base_params(config):
         return None
     base_cfg = base_config(config, cfg)
     shardings = sharding.param_shardings(base_cfg, mesh, config.mesh.rules)
+    if uses_lora(config):
+        dtype = base_cfg.param_dtype
+        return jax.tree.map(
+            lambda x, s: jax.device_put(x if x.dtype == dtype else x.astype(dtype), s),
+            params, shardings)
     cast = lambda p: jax.tree.map(lambda x: x.astype(base_cfg.param_dtype), p)  # noqa: E731
     return jax.jit(cast, out_shardings=shardings)(params)
+
+
+def trained_model(config: Any, cfg: model.ModelConfig, state: TrainState,
+                  base_params: PyTree | None) -> tuple[model.ModelConfig, PyTree]:
+    """(cfg, params) of the trained model as a plain one: with LoRA the adapters merged into
+    the frozen base (one new array per targeted kernel), otherwise the state's params."""
+    trainee = trainee_config(config, cfg)
+    if uses_lora(config):
+        return model.adapters_off(trainee), lora.merge(trainee, base_params, state.params)
+    return trainee, state.params
 
 
 # ----------------------------------------------------------------------------- the step
@@ -140,10 +205,18 @@ def _micro_batches(batch: dict, count: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _target_stats(cfg, params, batch, chunk, stats):
-    hidden = model.hidden_states(cfg, params, batch["tokens"])
+def _target_stats(cfg, params, batch, chunk, stats, adapters=None, dropout_rng=None):
+    hidden = model.hidden_states(cfg, params, batch["tokens"], lora=adapters,
+                                 dropout_rng=dropout_rng)
     return losses.token_stats(hidden, model.output_embedding(cfg, params), batch["targets"],
                               chunk=chunk, stats=stats)
+
+
+def _trainee_weights(config, trainable, base_params):
+    """(params, adapters) of the trainee forward: the trainable params alone (base_params, if
+    any, are the base forward's own copy), or with LoRA the frozen base params and the
+    trainable adapters."""
+    return (base_params, trainable) if uses_lora(config) else (trainable, None)
 
 
 def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Signals:
@@ -157,7 +230,8 @@ def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Sig
         stats = _target_stats(base_cfg, base_params, batch, chunk, ("logprob", "top1", "entropy"))
         found.update({f"base_{k}": jax.lax.stop_gradient(v) for k, v in stats.items()})
     if "trainee" in needed:
-        stats = _target_stats(cfg, params, batch, chunk, ("logprob", "top1"))
+        trainee_params, adapters = _trainee_weights(config, params, base_params)
+        stats = _target_stats(cfg, trainee_params, batch, chunk, ("logprob", "top1"), adapters)
         found.update({f"trainee_{k}": jax.lax.stop_gradient(v) for k, v in stats.items()})
     return selection.Signals(**found)
 
@@ -180,7 +254,9 @@ def _selection_metrics(config, signals: selection.Signals, weights: Array) -> di
 
 
 def _loss_and_metrics_fn(config: Any, cfg: model.ModelConfig):
-    """(params, base_params, batch, rng) -> (loss, grads | None, metrics) for one whole batch."""
+    """The step's two halves: `signals_and_weights(params, base_params, micro, rng)` over the
+    whole batch, and `micro_loss(params, micro, weights, normalizer, base_params, dropout_rng)`
+    of one micro-batch, differentiable in `params` (the trainable ones)."""
     base_cfg = base_config(config, cfg)
     rule = config.selection.rule
 
@@ -194,8 +270,10 @@ def _loss_and_metrics_fn(config: Any, cfg: model.ModelConfig):
             normalizer = jnp.sum(signals.loss_mask).astype(jnp.float32)
         return signals, weights, normalizer
 
-    def micro_loss(params, micro, weights, normalizer):
-        logprob = _target_stats(cfg, params, micro, config.train.loss_chunk, ("logprob",))["logprob"]
+    def micro_loss(params, micro, weights, normalizer, base_params=None, dropout_rng=None):
+        trainee_params, adapters = _trainee_weights(config, params, base_params)
+        logprob = _target_stats(cfg, trainee_params, micro, config.train.loss_chunk, ("logprob",),
+                                adapters, dropout_rng)["logprob"]
         response_logprob = jnp.sum(jnp.where(micro["loss_mask"], logprob, 0.0))
         return losses.masked_cross_entropy(logprob, weights, normalizer), response_logprob
 
@@ -216,21 +294,25 @@ def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
     schedule = learning_rate_schedule(config.train)
     signals_and_weights, micro_loss = _loss_and_metrics_fn(config, cfg)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    dropout = uses_lora(config) and config.lora.dropout > 0
 
     def train_step(state: TrainState, base_params, batch):
         micro = _micro_batches({k: batch[k] for k in BATCH_KEYS}, config.train.micro_batches)
         rng = jax.random.fold_in(state.rng, state.step)
         signals, weights, normalizer = signals_and_weights(state.params, base_params, micro, rng)
+        dropout_rngs = (jax.random.split(jax.random.fold_in(rng, 1), config.train.micro_batches)
+                        if dropout else None)
 
         def accumulate(carry, xs):
             loss_sum, logprob_sum, grad_sum = carry
-            (loss, logprob), grads = grad_fn(state.params, xs[0], xs[1], normalizer)
+            (loss, logprob), grads = grad_fn(state.params, xs[0], xs[1], normalizer,
+                                             base_params, xs[2])
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (loss_sum + loss, logprob_sum + logprob, grad_sum), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss, logprob_sum, grads), _ = jax.lax.scan(
-            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (micro, weights))
+            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (micro, weights, dropout_rngs))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -256,7 +338,8 @@ def make_eval_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
         signals, weights, normalizer = signals_and_weights(
             state.params, base_params, micro, jax.random.PRNGKey(0))
         losses_and_logprobs = jax.lax.map(
-            lambda xs: micro_loss(state.params, xs[0], xs[1], normalizer), (micro, weights))
+            lambda xs: micro_loss(state.params, xs[0], xs[1], normalizer, base_params),
+            (micro, weights))
         metrics = _selection_metrics(config, signals, weights)
         metrics.update(loss=jnp.sum(losses_and_logprobs[0]),
                        response_nll=-jnp.sum(losses_and_logprobs[1])
@@ -274,7 +357,7 @@ def place_batch(batch: dict, mesh) -> dict:
 
 def _jit_on_mesh(fn, config, cfg, mesh, *, donate_state: bool):
     base_shardings = (sharding.param_shardings(base_config(config, cfg), mesh, config.mesh.rules)
-                      if uses_base_model(config) else None)
+                      if needs_base_params(config) else None)
     batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
     state = state_shardings(config, cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())

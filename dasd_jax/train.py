@@ -4,8 +4,11 @@ Loads the model (an HF checkpoint, or a random one for offline runs), keeps a fr
 base, and runs `step.make_train_step` over the data, with checkpoints every
 `checkpoint.every` steps (resuming from the latest one in `workdir`), metrics in
 `{workdir}/metrics.jsonl` and TensorBoard, evaluation, and a final HF export to `{workdir}/hf`.
+With LoRA (`--config.lora.rank=R`) the loaded weights stay frozen and serve as the base too (no
+copy); checkpoints hold the adapters and their optimizer state, `{workdir}/hf` the merged model
+and `{workdir}/adapters` the adapters alone in PEFT's layout.
 `--config.dry_run=True` prints the parameter count and the compiled step's memory per device for
-the configured mesh without loading weights.
+the configured mesh without loading weights (and, with LoRA, the memory it saves).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import checkpoint, data, hf, metrics, model, selection, sharding, stages, step
+from dasd_jax import checkpoint, data, hf, lora, metrics, model, selection, sharding, stages, step
 from dasd_jax.errors import UserError
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
@@ -67,6 +70,7 @@ def validate(config: Any) -> None:
     if max(config.data.buckets) < config.data.max_seq_len:
         raise UserError(f"--config.data.buckets {tuple(config.data.buckets)} must include a length "
                         f">= --config.data.max_seq_len={config.data.max_seq_len}")
+    lora.model_fields(config.lora)
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -74,16 +78,15 @@ def validate(config: Any) -> None:
 
 def abstract_inputs(config: Any, cfg: model.ModelConfig, mesh):
     """ShapeDtypeStructs (with shardings) of the train step's inputs at the largest bucket."""
-    trainee = step.trainee_config(config, cfg)
     shardings = step.state_shardings(config, cfg, mesh)
-    params = model.param_shapes(trainee)
+    params = step.trainable_shapes(config, cfg)
     opt_state = jax.eval_shape(step.make_optimizer(config.train).init, params)
     state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                             opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, shardings)
     base = None
-    if step.uses_base_model(config):
+    if step.needs_base_params(config):
         base_cfg = step.base_config(config, cfg)
         base = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             model.param_shapes(base_cfg),
@@ -94,6 +97,33 @@ def abstract_inputs(config: Any, cfg: model.ModelConfig, mesh):
     batch = {key: jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.float32), sharding=batch_sharding)
              for key in step.BATCH_KEYS}
     return state, base, batch
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def weight_bytes(config: Any, cfg: model.ModelConfig) -> int:
+    """Bytes of the step's trainable params, optimizer state and frozen base params, all devices
+    together (what stays in memory between steps, activations aside)."""
+    trainable = step.trainable_shapes(config, cfg)
+    opt_state = jax.eval_shape(step.make_optimizer(config.train).init, trainable)
+    base = (model.param_shapes(step.base_config(config, cfg))
+            if step.needs_base_params(config) else {})
+    return _bytes(trainable) + _bytes(opt_state) + _bytes(base)
+
+
+def lora_saving(config: Any, cfg: model.ModelConfig) -> dict:
+    """LoRA's trainable params and weight memory against full fine-tuning of the same run."""
+    full = config.copy_and_resolve_references()
+    full.lora.rank = 0
+    gib = 2.0 ** 30
+    trainee = step.trainee_config(config, cfg)
+    report = {"trainable_params": trainee.num_lora_params,
+              "weights_gib": weight_bytes(config, cfg) / gib,
+              "full_finetune_weights_gib": weight_bytes(full, cfg) / gib}
+    report["saved_gib"] = report["full_finetune_weights_gib"] - report["weights_gib"]
+    return report
 
 
 def dry_run(config: Any, mesh) -> dict:
@@ -114,6 +144,9 @@ def dry_run(config: Any, mesh) -> dict:
     }
     report["peak_gib_per_device"] = (report["argument_gib"] + report["output_gib"]
                                      + report["temp_gib"] - report["alias_gib"])
+    report["weights_gib"] = weight_bytes(config, cfg) / gib
+    if step.uses_lora(config):
+        report["lora"] = lora_saving(config, cfg)
     print(f"model        {cfg.model_type}, {cfg.num_params:,} parameters")
     print(f"mesh         {dict(mesh.shape)} on {mesh.devices.size} × {jax.devices()[0].device_kind}")
     print(f"step         batch {report['batch'][0]} × {report['batch'][1]} tokens, rule "
@@ -121,6 +154,15 @@ def dry_run(config: Any, mesh) -> dict:
     print(f"memory/device  arguments {report['argument_gib']:.3f} GiB, temporaries "
           f"{report['temp_gib']:.3f} GiB, outputs {report['output_gib']:.3f} GiB "
           f"(aliased {report['alias_gib']:.3f}), peak ≈ {report['peak_gib_per_device']:.3f} GiB")
+    print(f"weights      params + optimizer + frozen base {report['weights_gib']:.3f} GiB "
+          "(all devices together)")
+    if "lora" in report:
+        saving = report["lora"]
+        print(f"LoRA         rank {config.lora.rank} on {config.lora.targets}: "
+              f"{saving['trainable_params']:,} trainable parameters "
+              f"({100 * saving['trainable_params'] / cfg.num_params:.2f}%); weights "
+              f"{saving['weights_gib']:.3f} GiB vs {saving['full_finetune_weights_gib']:.3f} GiB "
+              f"fully fine-tuned: saves {saving['saved_gib']:.3f} GiB")
     return report
 
 
@@ -176,7 +218,7 @@ def train(config: Any) -> dict[str, float]:
     extra_forward = "trainee" in selection.needs(config.selection.rule, config.selection)
     batch_flops = lambda batch: metrics.step_flops(  # noqa: E731
         trainee, *batch["tokens"].shape, base_forward=step.uses_base_model(config),
-        extra_trainee_forward=extra_forward)
+        extra_trainee_forward=extra_forward, weight_grads=not step.uses_lora(config))
     throughput = metrics.Throughput(None, jax.device_count(), metrics.peak_flops_per_device(
         jax.devices()[0].device_kind, trainee.dtype))
     writer = metrics.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard,
@@ -226,14 +268,28 @@ def train(config: Any) -> dict[str, float]:
             writer.write(final_step, results)
             last.update(results)
         if config.checkpoint.export:
-            hf.save(workdir / "hf", trainee, state.params, tokenizer=tokenizer,
-                    dtype=config.checkpoint.export_dtype)
+            export(config, trainee, state, base_params, tokenizer, workdir)
     finally:
         preemption.close()
         progress.close()
         writer.close()
         checkpoints.close()
     return last
+
+
+def export(config: Any, trainee: model.ModelConfig, state: step.TrainState, base_params,
+           tokenizer, workdir: Path) -> None:
+    """`{workdir}/hf`, the trained model as an HF checkpoint (LoRA adapters merged in), and with
+    LoRA and `lora.export_adapters` also `{workdir}/adapters` in PEFT's layout."""
+    if not step.uses_lora(config):
+        hf.save(workdir / "hf", trainee, state.params, tokenizer=tokenizer,
+                dtype=config.checkpoint.export_dtype)
+        return
+    hf.save(workdir / "hf", trainee, base_params, tokenizer=tokenizer,
+            dtype=config.checkpoint.export_dtype, lora=state.params)
+    if config.lora.export_adapters:
+        hf.save_adapters(workdir / "adapters", trainee, state.params,
+                         base_model=config.model.path or None)
 
 
 def main(config: Any) -> None:
