@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.max_seq_len = 1024
     config.data.buckets = (256, 512, 1024)  # padded lengths; bounded recompiles
     config.data.overlong = "truncate"  # truncate (the response's end) | drop
+    config.data.group_by_length = 1  # k > 1: batches of similar lengths within windows of k batches
     config.data.chat_template = True  # use the tokenizer's chat template when it has one
     config.data.system_prompt = ""
     config.data.prompt_format = "Question: {prompt}\nAnswer: "  # when no chat template is used

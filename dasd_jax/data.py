@@ -473,12 +473,21 @@ class Batches:
     lengths (see `collate`); they must include max_seq_len, so that every example fits.
     `pad_id` None pads with 0 (padding never carries loss). `.state` ({"epoch", "index"}, JSON
     serialisable) is where the next batch starts; `Batches(..., state=saved)` continues exactly.
+
+    `group_by_length=k > 1` cuts padding: each window of k batches of the epoch's permutation is
+    sorted by length and cut into batches, which are then visited in a random order, so a batch
+    holds examples of similar length (and is padded to a smaller bucket) while the windows keep
+    the epoch's order random. k = 1 (default) keeps the plain permutation.
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
-                 buckets: Sequence[int], pad_id: int | None, state: dict | None = None):
+                 buckets: Sequence[int], pad_id: int | None, state: dict | None = None,
+                 group_by_length: int = 1):
         self.examples = list(examples)
         self.batch_size, self.seed = int(batch_size), int(seed)
+        self.group_by_length = int(group_by_length)
+        if self.group_by_length < 1:
+            raise UserError(f"group_by_length {group_by_length}: must be at least 1 (1 = off)")
         self.buckets = tuple(sorted(int(bucket) for bucket in buckets))
         self.pad_id = 0 if pad_id is None else int(pad_id)
         if self.batch_size < 1:
@@ -504,8 +513,24 @@ class Batches:
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._order = (epoch, rng.permutation(len(self.examples)))
+            order = rng.permutation(len(self.examples))
+            if self.group_by_length > 1:
+                order = self._grouped(order, rng)
+            self._order = (epoch, order)
         return self._order[1]
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """`order` with each window of `group_by_length` batches sorted by length and its batches
+        shuffled; the incomplete tail (dropped anyway) stays as it is."""
+        size, window = self.batch_size, self.batch_size * self.group_by_length
+        usable = len(order) // size * size
+        grouped = []
+        for start in range(0, usable, window):
+            chunk = order[start:min(start + window, usable)]
+            lengths = np.array([len(self.examples[i].tokens) for i in chunk])
+            chunk = chunk[np.argsort(lengths, kind="stable")].reshape(-1, size)
+            grouped.append(chunk[rng.permutation(len(chunk))].reshape(-1))
+        return np.concatenate(grouped + [order[usable:]])
 
     def __iter__(self) -> Batches:
         return self

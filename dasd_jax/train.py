@@ -210,7 +210,8 @@ def train(config: Any) -> dict[str, float]:
         absl_logging.warning("resumed from step %d", int(state.step))
     start = int(state.step)
     batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
-                           pad_id=cfg.pad_token_id or 0, state=data_state)
+                           pad_id=cfg.pad_token_id or 0, state=data_state,
+                           group_by_length=config.data.group_by_length)
     train_step = step.make_train_step(config, cfg, mesh)
     eval_step = step.make_eval_step(config, cfg, mesh) if eval_examples else None
 

@@ -356,3 +356,22 @@ def test_batches_refuse_too_few_examples_and_examples_longer_than_the_largest_bu
     with pytest.raises(UserError, match=r"a sequence of 9 tokens is longer than the largest length "
                                         r"bucket 8; --config.data.buckets must include"):
         data.Batches(make_examples([4, 9]), 1, seed=0, buckets=(8,), pad_id=0)
+
+
+def test_length_grouping_visits_each_example_once_per_epoch_in_batches_of_similar_length():
+    lengths = [4, 30] * 16  # alternating short and long: unsorted batches mix them
+    # One window of 8 batches holds the whole epoch: 4 batches of short, 4 of long examples.
+    plain = data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0)
+    grouped = data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0,
+                           group_by_length=8)
+    plain_width = sum(next(plain)["tokens"].shape[1] for _ in range(8))
+    epoch = [next(grouped) for _ in range(8)]
+    assert sorted(i for batch in epoch for i in first_tokens(batch)) == list(range(32))
+    assert sum(batch["tokens"].shape[1] for batch in epoch) == 4 * 8 + 4 * 32 < plain_width
+    assert data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0,
+                        group_by_length=8, state=grouped.state).state == grouped.state
+    resumed = data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0,
+                           group_by_length=8, state={"epoch": 0, "index": 12})
+    np.testing.assert_array_equal(next(resumed)["tokens"], epoch[3]["tokens"])
+    with pytest.raises(UserError, match="group_by_length 0: must be at least 1"):
+        data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0, group_by_length=0)
