@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from dasd_jax import analyze, evaluate, rewrite, stages, train
+from dasd_jax import analyze, char_tokenizer, evaluate, rewrite, stages, train
 from dasd_jax.tasks import synthetic
 
 METHODS = {  # name: (rule, training file, target)
@@ -60,7 +60,10 @@ def pretrained_base(config: Any, log) -> Path:
     settings = {"model": config.model.random.to_dict(), "examples": demo.pretrain_examples,
                 "steps": demo.pretrain_steps, "lr": demo.pretrain_learning_rate,
                 "batch": demo.pretrain_batch_size, "seed": config.seed,
-                "world": Path(synthetic.__file__).read_text()}
+                "data": {"buckets": list(config.data.buckets),
+                         "group_by_length": config.data.group_by_length},
+                "tokenizer": config.model.random_tokenizer,
+                "world": Path(synthetic.__file__).read_text() + Path(char_tokenizer.__file__).read_text()}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cached = Path(stages.workdir_path(config, demo.cache_dir)).expanduser() / f"base-{key}"
     if (cached / "config.json").exists():
@@ -111,7 +114,7 @@ def run(config: Any) -> dict:
     timings["rewrite"] = time.perf_counter() - started
 
     evaluation = dict(tasks="demo_hard,demo_easy", tuned_tasks="demo_hard",
-                      limit=demo.eval_examples, baseline="", max_new_tokens=64)
+                      limit=demo.eval_examples, baseline="", max_new_tokens=32)
     results = {}
     started = time.perf_counter()
     base_eval = evaluate.evaluate(_stage(config, workdir / "base", model=on_base,
@@ -144,6 +147,9 @@ def run(config: Any) -> dict:
                                       analyze=dict(sources=sources, output=str(workdir / "analysis"))))
     timings["analyze"] = time.perf_counter() - started
     table = {"results": results, "high_ppl_10": {k: v["high_ppl_10"] for k, v in analysis.items()},
+             "categories": {k: {c: v[c] / max(v["tokens"], 1)
+                                for c in ("aligned", "correction", "drift")}
+                            for k, v in analysis.items()},
              "rewrite_acceptance": {m: s["acceptance_rate"] for m, s in rewrite_summaries.items()},
              "seconds": timings}
     if jax.process_index() == 0:

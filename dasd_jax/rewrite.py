@@ -31,7 +31,7 @@ import numpy as np
 
 from dasd_jax import data, sampling, sharding, stages
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers
+from dasd_jax.tasks import answers, synthetic
 MODES = ("sdft", "dasd")
 
 
@@ -137,8 +137,9 @@ def settings_from(config: Any, cfg, tokenizer) -> sampling.Settings:
     )
 
 
-def _judge(task: str, text: str, reference: str, finished: bool) -> str | None:
-    """Why a rewrite falls back to the reference, or None when it is kept."""
+def _judge(task: str, prompt: str, text: str, reference: str, finished: bool) -> str | None:
+    """Why a rewrite falls back to the reference, or None when it is kept. Rewrites of the demo
+    world's problems (task synthetic) must also get every step right: `wrong_steps`."""
     if not finished:
         return "unfinished"
     if not text.strip():
@@ -147,6 +148,8 @@ def _judge(task: str, text: str, reference: str, finished: bool) -> str | None:
         return "template_leak"
     if not answers.answers_match(task, text, reference):
         return "wrong_answer"
+    if task == "synthetic" and synthetic.trace_is_exact(prompt, text) is False:
+        return "wrong_steps"
     return None
 
 
@@ -168,7 +171,8 @@ def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tup
     for record, result in zip(batch, decoded):
         content = result.tokens[:-1] if result.tokens and result.tokens[-1] in eos else result.tokens
         text = tokenizer.decode(content, skip_special_tokens=True)
-        reason = _judge(config.rewrite.task, text, record["reference"], result.finished)
+        reason = _judge(config.rewrite.task, record["prompt"], text, record["reference"],
+                        result.finished)
         line = {"id": record["id"], "prompt": record["prompt"], "reference": record["reference"]}
         if reason is None:
             line.update(response=text, response_ids=result.tokens, source="rewrite",

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from dasd_jax import char_tokenizer, hf, model, sharding
 from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
+from dasd_jax.tasks import synthetic
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. configs/math.py:tiny",
                                          lock_config=True)
@@ -78,11 +79,22 @@ def load_model(config: Any, mesh):
         except CheckpointError as error:
             raise CheckpointError(f"--config.model.path: {error}") from None
         return cfg, params, tokenizer
-    tokenizer = char_tokenizer.build()
+    tokenizer = random_tokenizer(config)
     cfg = random_model_config(config, tokenizer)
     init = jax.jit(model.init, static_argnums=0,
                    out_shardings=sharding.param_shardings(cfg, mesh, config.mesh.rules))
     return cfg, init(cfg, jax.random.key(config.seed)), tokenizer
+
+
+def random_tokenizer(config: Any):
+    """The tokenizer of a random model (`model.path` ""): `model.random_tokenizer` "characters",
+    or "demo_world" (characters plus the demo world's words and numbers as single tokens)."""
+    kind = config.model.random_tokenizer
+    if kind == "characters":
+        return char_tokenizer.build()
+    if kind == "demo_world":
+        return char_tokenizer.build(words=synthetic.vocabulary_words(), numbers=True)
+    raise UserError(f"--config.model.random_tokenizer={kind!r}: choose characters or demo_world")
 
 
 def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
@@ -97,7 +109,7 @@ def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
 def model_config_only(config: Any) -> model.ModelConfig:
     """The ModelConfig without reading any weights (for dry runs)."""
     if not config.model.path:
-        return random_model_config(config, char_tokenizer.build())
+        return random_model_config(config, random_tokenizer(config))
     try:
         directory = hf.resolve(config.model.path)
     except CheckpointError as error:

@@ -107,7 +107,7 @@ def test_pretraining_follows_the_mix_and_teaches_native_solutions():
     records = synthetic.pretraining_records(1000, 0)
     kinds = [record["kind"] for record in records]
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
-        "plain_easy": 500, "aware_easy": 300, "aware_hard": 200}
+        kind: round(1000 * share) for kind, share in synthetic.PRETRAINING_MIX.items()}
     assert len(set(kinds[:30])) == 3  # shuffled, not in blocks
     for record in records:
         problem = problem_of(record["prompt"])
@@ -178,3 +178,17 @@ def test_generate_records_keeps_the_tiny_configs_world():
         assert set(record) == {"prompt", "reference", "answer"}
         assert record["reference"].endswith(f"The answer is {record['answer']}.")
         assert answers.final_number(record["reference"]) == record["answer"]
+
+
+def test_a_rewrite_with_the_right_answer_through_wrong_steps_is_rejected_as_wrong_steps():
+    from dasd_jax.rewrite import _judge
+
+    problem = synthetic.Problem(54, (("minus", 7), ("minus", 8), ("minus", 1)))
+    prompt = synthetic.problem_prompt(problem)
+    reference = synthetic.foreign_solution(problem, random.Random(0))
+    assert synthetic.parse_prompt(synthetic.answer_aware_text(prompt, reference)) == problem
+    assert _judge("synthetic", prompt, "54-7=47 47-8=39 39-1=38 A:38", reference, True) is None
+    assert _judge("synthetic", prompt, "56-7=35 32-1=35 38-1=38 A:38", reference, True) == "wrong_steps"
+    assert _judge("synthetic", prompt, "54-7=47 47-8=39 39-1=37 A:37", reference, True) == "wrong_answer"
+    # The tiny configs' world states no chain problem: judged by the final answer alone.
+    assert synthetic.trace_is_exact("Start with 4, add 2. What is the result?", "6") is None

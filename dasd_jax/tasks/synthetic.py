@@ -26,11 +26,13 @@ start of 20-90 few "times" steps fit: about 5% of hard steps, 21% of easy ones.)
 easy and 482,212 hard problems.
 
 The DASD demo uses four record sets:
-* `pretraining_records`: the base's mix (`PRETRAINING_MIX`): 50% plain easy -> native solution,
-  30% answer-aware easy and 20% answer-aware hard -> native solution, where answer-aware means the
+* `pretraining_records`: the base's mix (`PRETRAINING_MIX`): 35% plain easy -> native solution,
+  25% answer-aware easy and 40% answer-aware hard -> native solution, where answer-aware means the
   prompt is `answer_aware_text(problem, foreign solution)`, the rewrite stage's own template. The
   base thus solves easy problems alone and learns to use a reference shown in context, while hard
-  problems stay out of reach without one (probe: easy 0.90, hard 0.00, hard with reference 0.97).
+  problems stay out of reach without one. (The probe's 50/30/20 mix gave a 2-layer base that
+  rewrote only 11-24% of hard problems right within the demo's budget; 35/25/40 gave 59% with
+  easy accuracy 87%, benchmarks/RESULTS.md.)
 * `finetune_records`: hard problems with FOREIGN references, the set DASD rewrites and tunes on.
 * `eval_records(n, seed, "easy" | "hard")`: held-out problems with NATIVE references (gold traces);
   "easy" measures forgetting, "hard" the gain.
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from typing import NamedTuple
 
 from dasd_jax.tasks.answers import REWRITE_TEMPLATES
@@ -76,7 +79,7 @@ class Difficulty(NamedTuple):
 EASY = Difficulty("easy", steps=(1, 3), start=(1, 9), max_value=19, max_operand=5)
 HARD = Difficulty("hard", steps=(2, 3), start=(20, 90), max_value=99, max_operand=9)
 DIFFICULTIES = {"easy": EASY, "hard": HARD}
-PRETRAINING_MIX = {"plain_easy": 0.5, "aware_easy": 0.3, "aware_hard": 0.2}
+PRETRAINING_MIX = {"plain_easy": 0.35, "aware_easy": 0.25, "aware_hard": 0.4}
 
 _SYMBOLS = {"add": "+", "minus": "-", "times": "*"}
 _APPLY = {"add": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
@@ -124,6 +127,31 @@ def problem_prompt(problem: Problem) -> str:
     return f"Q: start {problem.start}{steps}."
 
 
+_PROMPT = re.compile(r"Q: start (\d+)((?:, (?:add|minus|times) \d+)+)\.")
+
+
+def parse_prompt(prompt: str) -> Problem | None:
+    """The problem a plain task prompt states (also found inside an answer-aware prompt), or None
+    when `prompt` holds none."""
+    match = _PROMPT.search(prompt)
+    if match is None:
+        return None
+    steps = tuple((operation, int(operand)) for operation, operand
+                  in re.findall(r"(add|minus|times) (\d+)", match.group(2)))
+    return Problem(int(match.group(1)), steps)
+
+
+def trace_is_exact(prompt: str, response: str) -> bool | None:
+    """Whether `response` writes every number of the problem's native solution, in order and
+    nothing else ("54-7=47 47-8=39 39-1=38 A:38"); None when `prompt` states no problem of this
+    world. A stricter check than the final answer: a rewrite can reach the right answer through
+    wrong steps."""
+    problem = parse_prompt(prompt)
+    if problem is None:
+        return None
+    return re.findall(r"\d+", response) == re.findall(r"\d+", native_solution(problem))
+
+
 def native_solution(problem: Problem) -> str:
     """The base model's style: "7+5=12 12*2=24 24-3=21 A:21" (one '=' per step)."""
     values = problem.values
@@ -147,6 +175,16 @@ _MIDDLE = ("Then ", "Next, ")
 _LAST = ("Finally, ", "Then ")
 _CLOSINGS = ("So the result is {v}.", "The final value is {v}.", "Hence we end with {v}.",
              "Result: {v}")
+
+
+def vocabulary_words() -> list[str]:
+    """Every word (2+ letters) of the world's texts, as written and capitalized: with the numbers
+    0-999 these are the single tokens of the demo tokenizer (`char_tokenizer.build`)."""
+    texts = [*_OPENINGS, *_FIRST, *_MIDDLE, *_LAST, *_CLOSINGS,
+             *(clause for clauses in _CLAUSES.values() for clause in clauses),
+             REWRITE_TEMPLATES["synthetic"], "Q: start, add, minus, times."]
+    words = sorted({word for text in texts for word in re.findall(r"[A-Za-z]{2,}", text)})
+    return sorted({variant for word in words for variant in (word, word.capitalize())})
 
 
 def foreign_solution(problem: Problem, rng: random.Random) -> str:
