@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps = 1000
     config.train.batch_size = 64  # global, in sequences
     config.train.micro_batches = 1  # gradient accumulation steps per batch
-    config.train.log_every = 10
+    config.train.log_every = 10  # each logged metric is the mean over these steps (lr: current)
     config.train.eval_every = 0  # 0 = only at the end (when data.eval_path is set)
     config.train.eval_batches = 8
     config.train.learning_rate = 1e-5
@@ -224,7 +224,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.train.steps = 60
     config.train.batch_size = 16
     config.train.micro_batches = 1
-    config.train.log_every = 10
+    config.train.log_every = 10  # each logged metric is the mean over these steps (lr: current)
     config.train.eval_batches = 2
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 5

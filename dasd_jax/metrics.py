@@ -52,6 +52,22 @@ def fetch_numbers(metrics: Mapping[str, Any]) -> dict[str, int | float]:
     return {name: to_number(name, value) for name, value in zip(names, values)}
 
 
+@jax.jit
+def add(total: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Step metrics summed on device (no host transfer): total + metrics, key by key."""
+    return jax.tree.map(lambda a, b: a + b, dict(total), dict(metrics))
+
+
+CURRENT_VALUE_METRICS = ("learning_rate",)  # logged as of the last step, not averaged
+
+
+def window_mean(total: Mapping[str, float], steps: int, last: Mapping[str, float]) -> dict:
+    """The mean of each metric over the `steps` steps since the last log line (`total` their
+    sum), except the CURRENT_VALUE_METRICS, taken from `last`, the latest step's."""
+    return {name: last[name] if name in CURRENT_VALUE_METRICS else value / steps
+            for name, value in total.items()}
+
+
 class MetricsWriter:
     """Appends `{"step": s, **metrics}` lines to `{workdir}/metrics.jsonl` (and TensorBoard scalars).
 

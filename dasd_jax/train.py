@@ -228,6 +228,7 @@ def train(config: Any) -> dict[str, float]:
                                    enabled=primary and config.metrics.progress_bar)
     preemption = checkpoint.PreemptionFlag()
     last: dict[str, float] = {}
+    window, window_steps = None, 0  # step metrics summed on device since the last log line
     steps_since_log = tokens_since_log = flops_since_log = 0
     started = time.perf_counter()
     try:
@@ -235,6 +236,8 @@ def train(config: Any) -> dict[str, float]:
             batch = next(batches)
             state, step_metrics = train_step(state, base_params, step.place_batch(batch, mesh))
             done = current + 1
+            window = step_metrics if window is None else metrics.add(window, step_metrics)
+            window_steps += 1
             if current == start:  # leave compilation out of the throughput
                 jax.block_until_ready(state)
                 throughput.reset()
@@ -243,7 +246,9 @@ def train(config: Any) -> dict[str, float]:
                 tokens_since_log += int(batch["tokens"].size)
                 flops_since_log += batch_flops(batch)
             if done % config.train.log_every == 0 or done == config.train.steps:
-                last = metrics.fetch_numbers(step_metrics)
+                last = metrics.window_mean(metrics.fetch_numbers(window), window_steps,
+                                           metrics.fetch_numbers(step_metrics))
+                window, window_steps = None, 0
                 last.update(throughput.measure(steps_since_log, tokens_since_log, flops_since_log))
                 steps_since_log = tokens_since_log = flops_since_log = 0
                 writer.write(done, last)

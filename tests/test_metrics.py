@@ -228,3 +228,13 @@ def test_throughput_uses_the_flops_it_is_given_for_steps_of_different_lengths():
                                clock=lambda: next(times))
     rates = speed.measure(steps=4, tokens=100, flops=6e12)  # not 4 * 1e12
     assert rates["tflops_per_s_per_device"] == 1.5 and rates["mfu"] == 1.5
+
+
+def test_logged_metrics_are_window_means_except_the_current_learning_rate():
+    steps = [{"loss": jnp.float32(1.0), "kept_ratio": jnp.float32(0.0), "learning_rate": jnp.float32(3.0),
+              "tau": None},
+             {"loss": jnp.float32(3.0), "kept_ratio": jnp.float32(1.0), "learning_rate": jnp.float32(2.0),
+              "tau": None}]
+    total = metrics.add(steps[0], steps[1])
+    mean = metrics.window_mean(metrics.fetch_numbers(total), 2, metrics.fetch_numbers(steps[1]))
+    assert mean == {"loss": 2.0, "kept_ratio": 0.5, "learning_rate": 2.0}
