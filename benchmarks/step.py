@@ -3,6 +3,7 @@
     python benchmarks/step.py --shape=tiny                                        # CPU
     python benchmarks/step.py --shape=llama-3.2-1b --seq_len=2048 --batch=8 \\
         --compute_dtype=bfloat16 --remat_policy=dots_no_batch                      # GPU
+    ... --lora_rank=16                                                             # LoRA
 
 Both steps are the real `step.make_train_step` (random params, random tokens with a 25% prompt);
 `dasd` adds the frozen base forward. Prints one JSON line per rule and the DASD/SFT time ratio.
@@ -39,6 +40,7 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
                         micro_batches=args.micro_batches, loss_chunk=args.loss_chunk,
                         base_dtype=args.base_dtype)
     config.selection.rule = rule
+    config.lora.rank = args.lora_rank
     state = step.init_train_state(config, cfg, params, mesh)
     base = step.make_base_params(config, cfg, params, mesh)
     train_step = step.make_train_step(config, cfg, mesh)
@@ -56,13 +58,14 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
 
     trainee = step.trainee_config(config, cfg)
     flops = metrics.step_flops(trainee, args.batch, args.seq_len,
-                               base_forward=step.uses_base_model(config))
+                               base_forward=step.uses_base_model(config),
+                               weight_grads=not args.lora_rank)
     peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, trainee.dtype)
     tokens = args.batch * args.seq_len
     return {
         "rule": rule, "shape": args.shape, "params": cfg.num_params, "batch": args.batch,
         "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
-        "remat_policy": args.remat_policy, "device": jax.devices()[0].device_kind,
+        "remat_policy": args.remat_policy, "lora_rank": args.lora_rank, "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(), "jax": jax.__version__,
         "compile_s": round(compile_seconds, 2), "step_ms": round(seconds * 1e3, 2),
         "tokens_per_s": round(tokens / seconds),
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--attention_impl", default="auto", choices=model.ATTENTION_IMPLS)
     parser.add_argument("--micro_batches", type=int, default=1)
     parser.add_argument("--loss_chunk", type=int, default=512)
+    parser.add_argument("--lora_rank", type=int, default=0, help="0 = full fine-tuning")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 
