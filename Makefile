@@ -17,9 +17,9 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	  echo "shellcheck is not installed: the launch scripts' lint test will be skipped"
 	touch $@
 
-## demo: the main job on the embedded default (perplexity of a tiny checkpoint it writes and reloads)
+## demo: the embedded DASD demo: pretrain a base, rewrite, fine-tune five ways, evaluate, analyze
 demo: $(VENV)/.runtime-installed
-	$(BIN)/python -m dasd_jax.perplexity
+	$(BIN)/python -m dasd_jax.train --config=configs/math.py:demo
 
 ## test: the whole test suite (CPU, offline)
 test: $(VENV)/.test-installed

@@ -174,8 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.demo.pretrain_steps = 4000
     config.demo.pretrain_batch_size = 16
     config.demo.pretrain_learning_rate = 5e-3
-    config.demo.finetune_examples = 512
-    config.demo.finetune_steps = 200
+    config.demo.finetune_examples = 1024
+    config.demo.finetune_steps = 600
     config.demo.finetune_learning_rate = 1e-3
     config.demo.eval_examples = 100
 
@@ -224,7 +224,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.train.steps = 60
     config.train.batch_size = 16
     config.train.micro_batches = 1
-    config.train.log_every = 10  # each logged metric is the mean over these steps (lr: current)
+    config.train.log_every = 10
     config.train.eval_batches = 2
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 5
@@ -267,8 +267,8 @@ def demo_small(config: ml_collections.ConfigDict) -> None:
 
 
 def demo_gpu(config: ml_collections.ConfigDict) -> None:
-    """The demo pipeline sized for one lent GPU for a few minutes: a 25M-parameter base (8 layers,
-    d512), 8x the pretraining tokens, 4x the fine-tuning problems, 5x the evaluation problems."""
+    """The demo pipeline sized for one lent GPU for a few minutes: a 27M-parameter base (8 layers,
+    d512), 4x the pretraining tokens, 2x the fine-tuning problems, 5x the evaluation problems."""
     demo(config)
     config.workdir = "/tmp/dasd_jax_demo_gpu"
     config.model.random.update(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,

@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from dasd_jax import analyze, char_tokenizer, evaluate, rewrite, stages, train
+from dasd_jax import analyze, evaluate, rewrite, stages, train
 from dasd_jax.tasks import synthetic
 
 METHODS = {  # name: (rule, training file, target)
@@ -54,25 +54,31 @@ def _stage(config: Any, workdir: Path, **sections: dict) -> Any:
     return stage
 
 
-def pretrained_base(config: Any, log) -> Path:
-    """The base checkpoint directory: pretrained now, or found in the cache."""
+def cache_key(config: Any, records: list[dict]) -> str:
+    """A hash of what shapes the pretrained base: its records, tokenizer, model and training."""
     demo = config.demo
-    settings = {"model": config.model.random.to_dict(), "examples": demo.pretrain_examples,
-                "steps": demo.pretrain_steps, "lr": demo.pretrain_learning_rate,
-                "batch": demo.pretrain_batch_size, "seed": config.seed,
-                "data": {"buckets": list(config.data.buckets),
-                         "group_by_length": config.data.group_by_length},
-                "tokenizer": config.model.random_tokenizer,
-                "world": Path(synthetic.__file__).read_text() + Path(char_tokenizer.__file__).read_text()}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cached = Path(stages.workdir_path(config, demo.cache_dir)).expanduser() / f"base-{key}"
+    settings = {"model": config.model.random.to_dict(), "steps": demo.pretrain_steps,
+                "lr": demo.pretrain_learning_rate, "batch": demo.pretrain_batch_size,
+                "seed": config.seed, "buckets": list(config.data.buckets),
+                "group_by_length": config.data.group_by_length,
+                "tokenizer": stages.random_tokenizer(config).backend_tokenizer.to_str(),
+                "records": records}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrained_base(config: Any, log) -> Path:
+    """The base checkpoint directory: pretrained now, or found in the cache (`cache_key`); an
+    interrupted run leaves no cache entry behind."""
+    demo = config.demo
+    records = synthetic.pretraining_records(demo.pretrain_examples, config.seed)
+    cached = (Path(stages.workdir_path(config, demo.cache_dir)).expanduser()
+              / f"base-{cache_key(config, records)}")
     if (cached / "config.json").exists():
         log(f"base model: cached at {cached}")
         return cached
     workdir = Path(config.workdir) / "pretrain"
     shutil.rmtree(workdir, ignore_errors=True)
-    data = _write_jsonl(workdir / "pretraining.jsonl",
-                        synthetic.pretraining_records(demo.pretrain_examples, config.seed))
+    data = _write_jsonl(workdir / "pretraining.jsonl", records)
     stage = _stage(config, workdir,
                    data=dict(path=str(data), target="reference", eval_path=""),
                    train=dict(steps=demo.pretrain_steps, batch_size=demo.pretrain_batch_size,
@@ -82,15 +88,20 @@ def pretrained_base(config: Any, log) -> Path:
                    selection=dict(rule="all"),
                    checkpoint=dict(every=demo.pretrain_steps, export=True))
     train.train(stage)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        shutil.copytree(workdir / "hf", cached, dirs_exist_ok=True)
+        partial = cached.with_name(cached.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(workdir / "hf", partial)
+        shutil.rmtree(cached, ignore_errors=True)  # an incomplete entry of an older version
+        partial.rename(cached)
     log(f"base model: pretrained and cached at {cached}")
     return cached
 
 
-def run(config: Any) -> dict:
-    """Runs the demo; returns the results table as a dict and prints it."""
+def run(config: Any, extra_methods: dict | None = None) -> dict:
+    """Runs the demo; returns the results table as a dict and prints it. `extra_methods`
+    ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations;
+    their kept ratio is measured in training (the mean over the last logging window)."""
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
     timings: dict[str, float] = {}
@@ -122,7 +133,8 @@ def run(config: Any) -> dict:
     results["base"] = {task: s["accuracy"] for task, s in base_eval["tasks"].items()}
     timings["evaluate"] = time.perf_counter() - started
     timings["finetune"] = 0.0
-    for name, (rule, training_file, target) in METHODS.items():
+    methods = {name: (*spec, {}) for name, spec in METHODS.items()}
+    for name, (rule, training_file, target, selection) in {**methods, **(extra_methods or {})}.items():
         run_dir = workdir / name.lower().replace(" ", "_")
         shutil.rmtree(run_dir, ignore_errors=True)
         stage = _stage(config, run_dir, model=on_base,
@@ -130,15 +142,17 @@ def run(config: Any) -> dict:
                        train=dict(steps=demo.finetune_steps, learning_rate=demo.finetune_learning_rate,
                                   warmup_steps=max(1, demo.finetune_steps // 10),
                                   log_every=max(1, demo.finetune_steps // 4)),
-                       selection=dict(rule=rule), eval=dict(evaluation, checkpoint="{workdir}/hf"))
+                       selection=dict(selection, rule=rule),
+                       eval=dict(evaluation, checkpoint="{workdir}/hf"))
         started = time.perf_counter()
         last = train.train(stage)
         timings["finetune"] += time.perf_counter() - started
         started = time.perf_counter()
         scores = evaluate.evaluate(stage)
         timings["evaluate"] += time.perf_counter() - started
-        results[name] = {**{task: s["accuracy"] for task, s in scores["tasks"].items()},
-                         "kept_ratio": last.get("kept_ratio")}
+        results[name] = {task: s["accuracy"] for task, s in scores["tasks"].items()}
+        if name not in METHODS:
+            results[name]["kept_ratio"] = last.get("kept_ratio")
 
     started = time.perf_counter()
     sources = (f"references={workdir}/rewrites_dasd.jsonl@reference,"
@@ -146,6 +160,8 @@ def run(config: Any) -> dict:
     analysis = analyze.analyze(_stage(config, workdir, model=on_base,
                                       analyze=dict(sources=sources, output=str(workdir / "analysis"))))
     timings["analyze"] = time.perf_counter() - started
+    for name, kept in kept_ratios(analysis).items():
+        results[name]["kept_ratio"] = kept
     table = {"results": results, "high_ppl_10": {k: v["high_ppl_10"] for k, v in analysis.items()},
              "categories": {k: {c: v[c] / max(v["tokens"], 1)
                                 for c in ("aligned", "correction", "drift")}
@@ -158,6 +174,17 @@ def run(config: Any) -> dict:
     return table
 
 
+def kept_ratios(analysis: dict) -> dict[str, float]:
+    """Share of its training set's response tokens each method trains on, over the whole set:
+    the base is frozen, so the analysis' categories are exactly the step's selection (DASD keeps
+    aligned + correction tokens, the PPL filter aligned ones; random keeps as many as DASD)."""
+    dasd = analysis["dasd"]
+    tokens = max(dasd["tokens"], 1)
+    dasd_kept = (dasd["aligned"] + dasd["correction"]) / tokens
+    return {"SFT": 1.0, "SDFT": 1.0, "DASD": dasd_kept, "PPL filter": dasd["aligned"] / tokens,
+            "random": dasd_kept}
+
+
 def format_table(table: dict) -> str:
     rows = [f"{'model':<12}{'hard acc':>10}{'easy acc':>10}{'kept':>8}",
             "-" * 40]
@@ -167,7 +194,7 @@ def format_table(table: dict) -> str:
     rows.append("")
     rows.append("high-PPL ratio (1/b > 10) of each training set under the base: " + ", ".join(
         f"{k} {v:.1%}" for k, v in table["high_ppl_10"].items()))
-    rows.append("rewrites kept (answer matches, no template leak): " + ", ".join(
+    rows.append("rewrites kept (finished, right answer and steps, no template leak): " + ", ".join(
         f"{k} {v:.1%}" for k, v in table["rewrite_acceptance"].items()))
     rows.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table["seconds"].items()))
     return "\n".join(rows)

@@ -3,7 +3,9 @@ evaluation, analysis, one table."""
 
 import json
 
-from dasd_jax import demo
+import pytest
+
+from dasd_jax import demo, stages
 from configs import math as math_config
 
 
@@ -11,12 +13,17 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
     config = math_config.get_config("demo_small")
     config.workdir = str(tmp_path / "run")
     config.demo.cache_dir = str(tmp_path / "cache")
-    table = demo.run(config)
+    ablation = {"DASD gamma=1": ("dasd", "rewrites_dasd.jsonl", "response", {"gamma": 1.0})}
+    table = demo.run(config, extra_methods=ablation)
 
-    assert set(table["results"]) == {"base", *demo.METHODS}
+    assert set(table["results"]) == {"base", *demo.METHODS, "DASD gamma=1"}
     for name, scores in table["results"].items():
         assert 0 <= scores["demo_hard"] <= 1 and 0 <= scores["demo_easy"] <= 1, name
     assert table["results"]["SFT"]["kept_ratio"] == 1.0
+    categories = table["categories"]["dasd"]  # the base is frozen: kept = aligned + correction
+    assert table["results"]["DASD"]["kept_ratio"] == pytest.approx(
+        categories["aligned"] + categories["correction"])
+    assert table["results"]["PPL filter"]["kept_ratio"] == pytest.approx(categories["aligned"])
     assert set(table["high_ppl_10"]) == {"references", "sdft", "dasd"}
     assert set(table["seconds"]) == {"pretrain", "rewrite", "evaluate", "finetune", "analyze"}
     printed = capsys.readouterr().out
@@ -29,3 +36,11 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
     config.workdir = str(tmp_path / "again")
     assert demo.pretrained_base(config, print) == next((tmp_path / "cache").iterdir())
     assert "cached at" in capsys.readouterr().out
+
+
+def test_the_gpu_variant_runs_the_same_pipeline_on_a_larger_base():
+    config = math_config.get_config("demo_gpu")
+    cfg = stages.model_config_only(config)
+    assert config.demo.enabled and config.model.random_tokenizer == "demo_world"
+    assert cfg.num_layers == 8 and cfg.num_params > 20 * stages.model_config_only(
+        math_config.get_config("demo")).num_params

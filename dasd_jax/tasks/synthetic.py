@@ -3,27 +3,29 @@
 A problem is a chain of operations on a starting number, shown to the model as its plain
 task prompt:
 
-    Q: start 86, minus 7, add 2, minus 9.
+    Q: start 36, minus 4, add 2, minus 5.
 
 Every problem has two solutions carrying the same logic (the same values in the same order):
 
 * NATIVE, the base model's own style, pretrained on; compact, one `a op b=c` per step:
-      86-7=79 79+2=81 81-9=72 A:72
+      36-4=32 32+2=34 34-5=29 A:29
 * FOREIGN, the reference style of the fine-tuning data: English sentences whose wording, opening,
   separator (space or newline) and closing marker are drawn at random, so the style varies while
   the numbers never do:
-      We begin with 86. First, taking 7 from 86 leaves 79. Next, we add 2 and get 81.
-      Finally, subtracting 9 gives 72. Hence we end with 72.
+      We begin with 36. First, taking 4 from 36 leaves 32. Next, we add 2 and get 34.
+      Finally, subtracting 5 gives 29. Hence we end with 29.
 Both end with the final value and no number after it, so `answers.final_number` returns the answer
-("A:72" -> 72, "...end with 72." -> 72) and `answers.answers_match("synthetic", ...)` accepts one
+("A:29" -> 29, "...end with 29." -> 29) and `answers.answers_match("synthetic", ...)` accepts one
 for the other. The native style has one '=' per step; the foreign style has none.
 
-Difficulty follows the probe (shared/demo-world-probe.md, "range-hard"): EASY = 1-3 steps, start
-1-9, every value <= 19, operands <= 5; HARD = 2-3 steps, start 20-90, every value <= 99, operands
-<= 9. Add and minus use operands 1..max, times 2..max; a step whose result would leave
-[0, max_value] is drawn again, so answers are exact non-negative integers in range. (So from a
-start of 20-90 few "times" steps fit: about 5% of hard steps, 21% of easy ones.) There are 12,785
-easy and 482,212 hard problems.
+EASY = 1-3 steps, start 1-9, every value <= 19, operands <= 5 (as the probe's "range-hard",
+shared/demo-world-probe.md); HARD = 2-3 steps, start 20-39, every value <= 49, operands <= 5. Add
+and minus use operands 1..max, times 2..max; a step whose result would leave [0, max_value] is
+drawn again, so answers are exact non-negative integers in range. There are 12,785 easy problems
+over 196 distinct steps ("value op operand" facts) and 23,513 hard ones over 535. (The probe's hard
+range, start 20-90 and values <= 99 with operands <= 9, has 1,896 facts: with numbers as single
+tokens no method learned them from 1,024 fine-tuning problems in 600 steps, hard accuracy stayed
+at 3-5%, so the demo could not tell methods apart on the gain; benchmarks/RESULTS.md.)
 
 The DASD demo uses four record sets:
 * `pretraining_records`: the base's mix (`PRETRAINING_MIX`): 35% plain easy -> native solution,
@@ -43,15 +45,18 @@ never a fine-tune or pretraining problem, nor a fine-tune problem a pretraining 
 and sizes. Streams are seeded per set (`random.Random("synthetic/<set>/<seed>")`). Problems may
 repeat within a set, as in their distribution (eval has 1,295 easy problems, 10 of one step).
 
-Lengths in characters (= tokens of the character tokenizer; a chat template adds 4 specials),
-over 20,000 problems of each difficulty, mean / max:
-    plain prompt            easy 27 / 38        hard 32 / 39
-    native solution         easy 16 / 27        hard 24 / 28
-    foreign solution        easy 84 / 147       hard 101 / 145
-    answer-aware prompt     easy 143 / 217      hard 165 / 216
-    aware prompt + native   easy 160 / 244      hard 189 / 244
+Lengths in characters, over 20,000 problems of each difficulty, mean / max, and in tokens of the
+demo tokenizer (`vocabulary_words()` and the numbers 0-999 as single tokens, see
+char_tokenizer.build; 5,000 problems), mean / max; a chat template adds 4 specials:
+                            characters                          demo tokens
+    plain prompt            easy 27 / 38      hard 32 / 39      easy 11 / 14     hard 12 / 14
+    native solution         easy 16 / 27      hard 24 / 28      easy 14 / 19     hard 16 / 19
+    foreign solution        easy 84 / 147     hard 101 / 145    easy 26 / 43     hard 30 / 43
+    answer-aware prompt     easy 143 / 217    hard 165 / 216    easy 46 / 66     hard 51 / 66
+    aware prompt + native   easy 160 / 244    hard 189 / 244    easy 60 / 85     hard 68 / 85
 By construction (widest numbers, longest phrasings) an answer-aware prompt plus its native
-solution is at most 254 characters, so it always fits a 256-token window.
+solution is at most 254 characters, so it always fits a 256-token window even character by
+character; the demo's window is 96 tokens.
 
 `generate_records(n, seed)` is the older, smaller world of the tiny configs (`data.path =
 "generated"`, the evaluate task "synthetic" and the embedded checkpoint): unchanged, see
@@ -77,7 +82,7 @@ class Difficulty(NamedTuple):
 
 
 EASY = Difficulty("easy", steps=(1, 3), start=(1, 9), max_value=19, max_operand=5)
-HARD = Difficulty("hard", steps=(2, 3), start=(20, 90), max_value=99, max_operand=9)
+HARD = Difficulty("hard", steps=(2, 3), start=(20, 39), max_value=49, max_operand=5)
 DIFFICULTIES = {"easy": EASY, "hard": HARD}
 PRETRAINING_MIX = {"plain_easy": 0.35, "aware_easy": 0.25, "aware_hard": 0.4}
 
