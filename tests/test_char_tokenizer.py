@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dasd_jax import char_tokenizer, hf
+from dasd_jax import char_tokenizer, config_defaults, hf, stages
+from dasd_jax.errors import UserError
 from dasd_jax.tasks import synthetic
 
 
@@ -43,3 +44,14 @@ def test_a_word_tokenizer_saves_and_loads_back_through_hf_load_tokenizer(tmp_pat
 def test_words_must_be_letters():
     with pytest.raises(ValueError, match="'a b'"):
         char_tokenizer.build(words=["a b"])
+
+
+def test_a_random_model_tokenizer_is_chosen_by_config_and_a_bad_choice_names_the_flag():
+    config = config_defaults.base_config()
+    assert len(stages.random_tokenizer(config)) == len(char_tokenizer.build())
+    config.model.random_tokenizer = "demo_world"
+    assert stages.random_tokenizer(config).convert_ids_to_tokens(
+        stages.random_tokenizer(config)("start 12")["input_ids"]) == ["start", " 12"]
+    config.model.random_tokenizer = "bpe"
+    with pytest.raises(UserError, match=r"--config.model.random_tokenizer='bpe': choose characters"):
+        stages.random_tokenizer(config)
