@@ -58,7 +58,8 @@ def _synthetic_grade(item, completion):
 def _code_grade(family):
     def grade(item, completion):
         result = coding.score(item, completion, family)
-        return {"correct": bool(result["passed"]), "status": result["status"]}
+        return {"correct": bool(result["passed"]), "status": result["status"],
+                "reason": result["reason"]}
     return grade
 
 
@@ -188,18 +189,20 @@ def choice_logliks(config, cfg, params, tokenizer, items: list[dict]) -> list[li
 
 
 def score_generative(task: str, items: list[dict], completions: list[list[str]]) -> tuple[list, dict]:
-    """Per-example lines and the task summary; completions: per item, one or more samples."""
+    """Per-example lines and the task summary; completions: per item, one or more samples.
+
+    `accuracy` counts each item's first sample; with several samples per item, `pass@k`
+    (unbiased, Chen et al. 2021) is reported for every k in (1, 5, 10) that no item has fewer
+    samples than, and `samples` says how many each item had.
+    """
     spec = GENERATIVE[task]
     lines, by_difficulty = [], defaultdict(list)
-    pass_at = defaultdict(list)
+    counts = [len(samples) for samples in completions]
     for item, samples in zip(items, completions):
         graded = [spec.grade(item, text) for text in samples]
         correct = [g["correct"] for g in graded]
         difficulty = spec.difficulty(item)
         by_difficulty[difficulty].append(correct[0])
-        for k in (1, 5, 10):
-            if k <= len(samples):
-                pass_at[k].append(coding.pass_at_k(len(samples), sum(correct), k))
         lines.append({"task": task, "id": item["id"], "difficulty": difficulty,
                       "completion": samples[0], "correct": correct[0], **graded[0],
                       "samples_correct": sum(correct), "samples": len(samples)})
@@ -207,8 +210,11 @@ def score_generative(task: str, items: list[dict], completions: list[list[str]])
                "accuracy": float(np.mean([line["correct"] for line in lines])) if lines else 0.0,
                "by_difficulty": {d: {"examples": len(v), "accuracy": float(np.mean(v))}
                                  for d, v in sorted(by_difficulty.items())}}
-    if len(completions) and len(completions[0]) > 1:
-        summary.update({f"pass@{k}": float(np.mean(v)) for k, v in pass_at.items()})
+    if counts and max(counts) > 1:
+        summary["samples"] = {"min": min(counts), "max": max(counts)}
+        summary.update({f"pass@{k}": float(np.mean([
+            coding.pass_at_k(line["samples"], line["samples_correct"], k) for line in lines]))
+            for k in (1, 5, 10) if k <= min(counts)})
     return lines, summary
 
 
@@ -273,6 +279,15 @@ def score_predictions(config, tasks: list[str]) -> tuple[dict, dict]:
             raise UserError(f"{path} has no completions for task {task} with known ids")
         lines[task], summaries[task] = score_generative(
             task, items, [by_task[task][item["id"]] for item in items])
+        repeated = sum(len(by_task[task][item["id"]]) > 1 for item in items)
+        unknown = len(set(by_task[task]) - {item["id"] for item in items})
+        if repeated:
+            summaries[task]["note"] = (
+                f"{repeated} ids have several completions: each id is one example and its "
+                "completions are its samples (accuracy counts the first, in file order; pass@k "
+                "uses all of them)")
+        if unknown:
+            summaries[task]["ids_not_in_the_data"] = unknown
     return lines, summaries
 
 
@@ -321,6 +336,10 @@ def evaluate(config: Any) -> dict:
                 file.writelines(json.dumps(line, default=str) + "\n" for line in task_lines)
         (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(format_table(summaries, baseline, tuned))
+        for task, task_summary in summaries.items():
+            for key in ("note", "ids_not_in_the_data"):
+                if key in task_summary:
+                    print(f"{task}: {key.replace('_', ' ')}: {task_summary[key]}")
         print(f"wrote {output / 'summary.json'}")
     return summary
 

@@ -1,9 +1,9 @@
 """HumanEval and MBPP: loaders, the programs completions are judged by, and pass@k.
 
 The real benchmark files (../shared/data) check that every reference solution passes in the
-sandbox and every empty one fails; those tests skip when the data folder is absent. Programs run
-four at a time on what may be two cores, so they get a generous time limit (MBPP 123 alone takes
-3.5 s of CPU).
+sandbox and every empty one fails; those tests skip when the data folder is absent (hostile
+programs are in test_code_verdicts.py). Programs run four at a time on what may be two cores, so
+they get a generous time limit (MBPP 123 alone takes 3.5 s of CPU).
 """
 
 import gzip
@@ -49,7 +49,7 @@ def test_every_humaneval_canonical_solution_passes():
     items = coding.load_humaneval(data_file("humaneval", "HumanEval.jsonl.gz"))
     assert len(items) == 164
     results = scores(items, [item["canonical_solution"] for item in items], "humaneval")
-    assert {i: r["status"] for i, r in results.items() if not r["passed"]} == {}
+    assert {i: r["reason"] for i, r in results.items() if not r["passed"]} == {}
 
 
 def test_every_empty_humaneval_body_fails():
@@ -63,14 +63,14 @@ def test_every_sanitized_mbpp_reference_passes_its_tests():
     items = coding.load_mbpp(data_file("mbpp", "sanitized-mbpp.json"))
     assert len(items) == 427 and all(item["tests"] for item in items)
     results = scores(items, [item["reference"] for item in items], "mbpp")
-    assert {i: r["status"] for i, r in results.items() if not r["passed"]} == {}
+    assert {i: r["reason"] for i, r in results.items() if not r["passed"]} == {}
 
 
 def test_the_first_hundred_mbpp_references_pass_their_tests():
     items = coding.load_mbpp(data_file("mbpp", "mbpp.jsonl"))
     assert len(items) == 974 and items[0]["id"] == "1"
     results = scores(items[:100], [item["reference"] for item in items[:100]], "mbpp")
-    assert {i: r["status"] for i, r in results.items() if not r["passed"]} == {}
+    assert {i: r["reason"] for i, r in results.items() if not r["passed"]} == {}
 
 
 def test_mbpp_set_up_code_runs_after_the_solution_it_builds_on():
@@ -84,33 +84,51 @@ def test_mbpp_set_up_code_runs_after_the_solution_it_builds_on():
 
 
 def test_a_humaneval_body_continuation_completes_the_prompt():
-    text = coding.humaneval_program(ADD, "    return a + b\n")
-    assert text.startswith(ADD["prompt"] + "    return a + b\n") and text.endswith("check(add)\n")
-    assert coding.score(ADD, "    return a + b\n", "humaneval") == {"passed": True,
-                                                                     "status": "passed"}
+    source = coding.solution_source(ADD, "    return a + b\n", "humaneval")
+    assert source == ADD["prompt"] + "    return a + b\n"
+    job = coding.harness_job(ADD, "    return a + b\n", "humaneval")
+    assert (job["test"], job["entry_point"]) == (ADD["test"], "add")
+    assert coding.score(ADD, "    return a + b\n", "humaneval") == {
+        "passed": True, "status": "passed", "reason": ""}
 
 
 def test_a_whole_humaneval_solution_in_a_chat_reply_passes():
     reply = ("Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n\n\n"
              "if __name__ == \"__main__\":\n    print(add(int(input()), 1))\n```\n"
              "It adds the numbers.")
+    assert "__main__" not in coding.solution_source(ADD, reply, "humaneval")
     assert coding.score(ADD, reply, "humaneval")["passed"]  # keeps the prompt's `import math`
     wrong = "```python\ndef add(a, b):\n    return a - b\n```"
-    assert coding.score(ADD, wrong, "humaneval") == {"passed": False, "status": "failed"}
+    assert coding.score(ADD, wrong, "humaneval") == {
+        "passed": False, "status": "failed",
+        "reason": "AssertionError (at <test> line 2: assert candidate(2, 3) == 5)"}
 
 
 def test_a_humaneval_solution_that_loops_forever_times_out():
     looping = "    while True:\n        pass\n"
-    assert coding.score(ADD, looping, "humaneval", timeout_s=1) == {"passed": False,
-                                                                     "status": "timeout"}
+    result = coding.score(ADD, looping, "humaneval", timeout_s=1)
+    assert (result["passed"], result["status"]) == (False, "timeout")
+    assert "no verdict within 1 s" in result["reason"]
 
 
-def test_an_mbpp_program_is_code_then_set_up_then_asserts():
-    text = coding.mbpp_program(MBPP_ADD, "```python\ndef add(x, y):\n    return x + y\n```")
-    assert text.index("def add") < text.index("import math") < text.index("assert add(2, 3)")
-    assert coding.score(MBPP_ADD, "```python\ndef add(x, y):\n    return x + y\n```",
-                        "mbpp")["passed"]
-    assert not coding.score(MBPP_ADD, "def add(x, y):\n    return x * y\n", "mbpp")["passed"]
+def test_an_mbpp_solution_is_the_code_and_the_tests_take_its_names():
+    reply = "```python\ndef add(x, y):\n    return x + y\n```"
+    assert coding.solution_source(MBPP_ADD, reply, "mbpp") == "def add(x, y):\n    return x + y\n"
+    job = coding.harness_job(MBPP_ADD, reply, "mbpp")
+    assert job["solution_names"] == ["add"] and job["imports"] == {}  # math: the set-up's
+    assert coding.score(MBPP_ADD, reply, "mbpp")["passed"]
+    wrong = coding.score(MBPP_ADD, "def add(x, y):\n    return x * y\n", "mbpp")
+    assert not wrong["passed"] and "<test 1> line 1: assert add(2, 3) == 5" in wrong["reason"]
+
+
+def test_mbpp_tests_import_what_the_reference_imports_and_take_builtin_names_it_defines():
+    item = {"id": "126", "prompt": "Sum of common divisors.", "setup": "",
+            "tests": ["assert sum(10, 15) == 6", "assert math.isclose(sum(4, 6), 3)"],
+            "reference": "import math\ndef sum(a, b):\n    return math.gcd(a, b) + 1\n"}
+    job = coding.harness_job(item, item["reference"], "mbpp")
+    assert job["imports"] == {"math": "math"} and job["solution_names"] == ["sum"]
+    assert coding.score(item, "def sum(a, b):\n    import math\n    return math.gcd(a, b) + 1",
+                        "mbpp")["passed"]  # the tests' math is imported by the tests' process
 
 
 def test_prompts_ask_for_code_and_show_the_task():

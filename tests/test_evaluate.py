@@ -87,3 +87,25 @@ def test_unknown_tasks_and_missing_paths_are_named(tmp_path):
     config = tiny_config(tmp_path, tasks="humaneval", checkpoint="base", baseline="")
     with pytest.raises(UserError, match=r"no data path for humaneval: set --config.eval.paths.humaneval"):
         evaluate.evaluate(config)
+
+
+def test_several_completions_of_one_id_are_its_samples_and_the_output_says_so(tmp_path, capsys):
+    problems = tmp_path / "toy-humaneval.jsonl"
+    problems.write_text("".join(json.dumps({
+        "task_id": f"Toy/{i}", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n",
+        "canonical_solution": "", "test": "def check(f):\n    assert f(2, 3) == 5\n",
+        "entry_point": "add"}) + "\n" for i in range(2)))
+    right, wrong = "    return a + b\n", "    return a - b\n"
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps({"task": "humaneval", "id": i, "completion": c}) + "\n"
+                                   for i, c in [("Toy/0", wrong), ("Toy/0", right),
+                                                ("Toy/1", right), ("Toy/1", right),
+                                                ("Toy/9", right)]))
+    config = tiny_config(tmp_path, tasks="humaneval", predictions=str(predictions), limit=0)
+    config.eval.paths.humaneval = str(problems)
+    numbers = evaluate.evaluate(config)["tasks"]["humaneval"]
+    assert (numbers["examples"], numbers["accuracy"], numbers["pass@1"]) == (2, 0.5, 0.75)
+    assert numbers["samples"] == {"min": 2, "max": 2} and numbers["ids_not_in_the_data"] == 1
+    printed = capsys.readouterr().out
+    assert "2 ids have several completions: each id is one example" in printed
+    assert "ids not in the data: 1" in printed

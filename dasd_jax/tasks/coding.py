@@ -6,29 +6,37 @@
     # {"id": "2", "prompt": "Write a function to ...", "tests": ["assert ..."], "setup",
     #  "reference"}
     coding.prompt_text(item, "humaneval")                # the instruction given to a chat model
-    coding.score(item, completion, "humaneval")          # {"passed": True, "status": "passed"}
+    coding.score(item, completion, "humaneval")          # {"passed": True, "status": "passed",
+                                                         #  "reason": ""}
     coding.pass_at_k(n=10, c=3, k=1)                     # unbiased estimator (Codex paper)
 
 A completion's code is its ```python blocks (else its whole text), as `answers.program` reads
 it. For HumanEval that code is either the rest of the prompt's function (a body continuation)
-or a whole solution defining `entry_point`; either way the program is the prompt followed by the
-code (a whole solution redefines the prompt's docstring-only function and keeps the prompt's
-imports and helpers), then the item's `check` and `check(entry_point)`. For MBPP the program is
-the code, the set-up code (imports, fixtures) and the asserts. Programs run in
-`tasks.sandbox`; passed = exit status 0 within the time limit.
+or a whole solution defining `entry_point`; the solution process runs the prompt followed by
+the code (a whole solution redefines the prompt's docstring-only function and keeps the prompt's
+imports and helpers). For MBPP it runs the code alone. The tests (HumanEval's prompt helpers and
+`check`, MBPP's set-up code and asserts) run in another process that holds the verdict
+(`tasks.harness`), inside `tasks.sandbox`: passed = that process's verdict, carrying a secret of
+this run, that every check ran and passed.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import gzip
 import json
 import math
 import re
+import secrets
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers, sandbox
+from dasd_jax.tasks import answers, harness, sandbox
+
+HARNESS_SOURCE = Path(harness.__file__).read_text(encoding="utf-8")
 
 FAMILIES = ("humaneval", "mbpp")
 HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -126,27 +134,86 @@ def _code(completion: str) -> str:
     return _MAIN_GUARD.sub("", answers.program(completion)).rstrip() + "\n"
 
 
-def humaneval_program(item: dict, completion: str) -> str:
-    """The prompt, the completion's code (a body continuation or a whole solution), the tests."""
-    code = answers.program(completion)
-    whole = re.search(rf"^(?:async\s+)?def\s+{re.escape(item['entry_point'])}\s*\(", code,
-                      flags=re.MULTILINE)
-    solution = ("\n" if whole else "") + _code(completion)
-    return (f"{item['prompt']}{solution}\n\n{item['test']}\n\n"
-            f"check({item['entry_point']})\n")
-
-
-def mbpp_program(item: dict, completion: str) -> str:
-    """The completion's code, then the item's set-up code, then its asserts."""
-    return f"{_code(completion)}\n\n{item['setup']}\n\n" + "\n".join(item["tests"]) + "\n"
-
-
-def program_text(item: dict, completion: str, family: str) -> str:
+def solution_source(item: dict, completion: str, family: str) -> str:
+    """The code the solution process runs: for HumanEval the prompt followed by the completion's
+    code (a body continuation, or a whole solution that redefines the prompt's function and
+    keeps its imports and helpers); for MBPP the completion's code alone."""
     if family == "humaneval":
-        return humaneval_program(item, completion)
+        code = answers.program(completion)
+        whole = re.search(rf"^(?:async\s+)?def\s+{re.escape(item['entry_point'])}\s*\(", code,
+                          flags=re.MULTILINE)
+        return f"{item['prompt']}{chr(10) if whole else ''}{_code(completion)}"
     if family == "mbpp":
-        return mbpp_program(item, completion)
+        return _code(completion)
     raise UserError(f"unknown code task family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def _parse(source: str) -> ast.Module | None:
+    """The syntax tree of benchmark code, None if it does not parse (its escape-sequence
+    warnings silenced: they are the benchmark's, not the user's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ast.parse(source)
+        except SyntaxError:
+            return None
+
+
+def _top_level_bindings(source: str) -> dict[str, str | None]:
+    """Names a module binds at its top level: {name: "module" or "module:attribute" for imports,
+    None for defs, classes and assignments}."""
+    tree = _parse(source)
+    if tree is None:
+        return {}
+    bound: dict[str, str | None] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound[node.name] = None
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                bound.update({n.id: None for n in ast.walk(target) if isinstance(n, ast.Name)})
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    bound[alias.asname] = alias.name
+                else:
+                    top = alias.name.split(".")[0]
+                    bound[top] = top
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                if alias.name != "*":
+                    bound[alias.asname or alias.name] = f"{node.module}:{alias.name}"
+    return bound
+
+
+def _names_used(sources) -> set[str]:
+    used = set()
+    for tree in filter(None, map(_parse, sources)):  # a test's syntax error: the harness says
+        used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return used
+
+
+def harness_job(item: dict, completion: str, family: str, *,
+                solution_site_packages: bool = True) -> dict:
+    """What tasks.harness needs to judge `completion`: the solution's code, the trusted test
+    code, and for MBPP the names the tests take from the solution (those the reference solution
+    defines or a non-builtin name the tests use) or import themselves (the reference's imports).
+    """
+    job = {"family": family, "solution": solution_source(item, completion, family),
+           "solution_flags": ["-I"] if solution_site_packages else ["-I", "-S"]}
+    if family == "humaneval":
+        job.update(prompt=item["prompt"], test=item["test"], entry_point=item["entry_point"])
+        return job
+    setup_bound = _top_level_bindings(item["setup"])
+    reference = _top_level_bindings(item.get("reference", ""))
+    used = _names_used([*item["tests"], item["setup"]]) - set(setup_bound)
+    imports = {name: reference[name] for name in used if reference.get(name)}
+    from_solution = sorted(name for name in used - set(imports)
+                           if name in reference or not hasattr(builtins, name))
+    job.update(setup=item["setup"], tests=list(item["tests"]), imports=imports,
+               solution_names=from_solution)
+    return job
 
 
 def prompt_text(item: dict, family: str) -> str:
@@ -163,11 +230,29 @@ def prompt_text(item: dict, family: str) -> str:
     raise UserError(f"unknown code task family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def score(item: dict, completion: str, family: str, **sandbox_kwargs) -> dict:
-    """{"passed": bool, "status": "passed" | "failed" | "timeout" | "crashed"} of running the
-    completion's program (`program_text`) in the sandbox (`sandbox.run_python` keywords)."""
-    outcome = sandbox.run_python(program_text(item, completion, family), **sandbox_kwargs)
-    return {"passed": outcome.passed, "status": outcome.status}
+def score(item: dict, completion: str, family: str, *, solution_site_packages: bool = True,
+          **sandbox_kwargs) -> dict:
+    """{"passed": bool, "status": "passed" | "failed" | "timeout" | "crashed", "reason": str}
+    of judging the completion with tasks.harness in the sandbox (`sandbox.run_python`
+    keywords). passed needs the harness's verdict with this run's secret; reason says why a
+    run failed (the failing check, the solution's exception, its exit, the time limit)."""
+    secret = secrets.token_hex(16)
+    private = json.dumps({"secret": secret, "job": harness_job(
+        item, completion, family, solution_site_packages=solution_site_packages)})
+    sandbox_kwargs.setdefault("site_packages", False)
+    outcome = sandbox.run_python(HARNESS_SOURCE, private_input=private.encode(), **sandbox_kwargs)
+    lines = outcome.verdict.splitlines()
+    if outcome.status != "timeout" and lines == [f"passed {secret}"]:
+        return {"passed": True, "status": "passed", "reason": ""}
+    if outcome.status in ("timeout", "crashed"):
+        reason = (f"no verdict within {sandbox_kwargs.get('timeout_s', 10.0)} s"
+                  if outcome.status == "timeout" else
+                  f"the harness was killed by signal {-(outcome.returncode or 0)}")
+        return {"passed": False, "status": outcome.status, "reason": reason}
+    failed = [line[len("failed "):] for line in lines if line.startswith("failed ")]
+    reason = failed[0] if failed else (f"no verdict (exit status {outcome.returncode}): "
+                                       f"{outcome.stderr.strip()[-300:]}")
+    return {"passed": False, "status": "failed", "reason": reason}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

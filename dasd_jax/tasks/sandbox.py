@@ -104,6 +104,7 @@ class Outcome:
     stdout: str
     stderr: str
     seconds: float
+    verdict: str = ""  # what the program wrote to its verdict file (runs with private_input)
 
     @property
     def passed(self) -> bool:
@@ -261,7 +262,7 @@ try:
     os.chdir(cwd)
     env = dict(c["env"], HOME=cwd, TMPDIR=cwd)
     os.set_inheritable(report, False)
-    os.execve(c["python"], [c["python"]] + c["flags"] + ["program.py"], env)
+    os.execve(c["python"], [c["python"]] + c["flags"] + ["program.py"] + c["program_args"], env)
 except OSError as error:
     fail("starting " + c["python"], error)
 '''
@@ -286,13 +287,19 @@ _ids_lock = threading.Lock()
 
 def run_python(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
                max_processes: int = 32, max_file_mb: int = 16, disk_mb: int = 64,
-               site_packages: bool = True, python: str | None = None) -> Outcome:
+               site_packages: bool = True, python: str | None = None,
+               private_input: bytes | None = None) -> Outcome:
     """Runs `source` as `python -I program.py` in the sandbox described in the module docstring.
 
     `memory_mb` bounds each process's address space, `max_processes` the processes and threads
     the run may have at once, `max_file_mb` each file it writes (and its stdout / stderr),
     `disk_mb` all it writes. `site_packages=False` adds -S (standard library only, faster
     start). `python` is the interpreter (default: this one).
+
+    `private_input`: bytes the program alone receives, as `python -I program.py INPUT_FD
+    VERDICT_FD`: INPUT_FD is an unlinked file holding them (read it and close it before
+    anything untrusted runs), VERDICT_FD an unlinked file whose content comes back as
+    `Outcome.verdict` (tasks.harness uses them for a verdict only its tests can write).
     """
     python = python or sys.executable
     _check_arguments(timeout_s, memory_mb, max_processes, max_file_mb, disk_mb, python)
@@ -311,16 +318,24 @@ def run_python(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
                   "RLIMIT_CORE": 0,
                   "RLIMIT_NPROC": max_processes + (0 if root else _count_processes(uid))}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-                tempfile.TemporaryFile() as report:
+                tempfile.TemporaryFile() as report, tempfile.TemporaryFile() as given, \
+                tempfile.TemporaryFile() as verdict:
+            program_fds = ()
+            if private_input is not None:
+                given.write(private_input)
+                given.flush()
+                given.seek(0)
+                program_fds = (given.fileno(), verdict.fileno())
             config = {"report_fd": report.fileno(), "root": root, "uid": uid, "gid": gid,
                       "workdir": str(workdir), "program": str(program), "disk_mb": int(disk_mb),
                       "limits": limits, "python": python, "env": ENV,
-                      "flags": ["-I"] if site_packages else ["-I", "-S"]}
+                      "flags": ["-I"] if site_packages else ["-I", "-S"],
+                      "program_args": [str(fd) for fd in program_fds]}
             start = time.monotonic()
             process = subprocess.Popen(
                 [python, "-I", "-S", "-c", _LAUNCHER, json.dumps(config)], stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, pass_fds=(report.fileno(),), start_new_session=True,
-                env=ENV, cwd="/")
+                stdout=out, stderr=err, pass_fds=(report.fileno(), *program_fds),
+                start_new_session=True, env=ENV, cwd="/")
             try:
                 timed_out = not _wait_without_reaping(process.pid, timeout_s)
             finally:
@@ -331,6 +346,7 @@ def run_python(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
             _raise_or_warn(_read(report, 1 << 16))
             returncode = process.returncode
             stdout, stderr = _read(out, OUTPUT_LIMIT), _read(err, OUTPUT_LIMIT)
+            verdict_text = _read(verdict, OUTPUT_LIMIT) if program_fds else ""
     finally:
         _remove(workdir)
         if run_id is not None:
@@ -342,7 +358,7 @@ def run_python(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
         status = "passed"
     else:
         status = "crashed" if returncode < 0 else "failed"
-    return Outcome(status, returncode, stdout, stderr, round(seconds, 4))
+    return Outcome(status, returncode, stdout, stderr, round(seconds, 4), verdict_text)
 
 
 def _check_arguments(timeout_s, memory_mb, max_processes, max_file_mb, disk_mb, python) -> None:
