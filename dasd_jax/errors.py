@@ -17,6 +17,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint directory, its config or its tensors cannot be used."""
 
 
+class TrainingDiverged(UserError):
+    """A training step had a non-finite loss or gradient; the message says what to change."""
+
+
 def exit_on_user_error(main: Callable[..., object]) -> Callable[..., object]:
     """Wraps a CLI `main` so a `UserError` prints `error: <message>` and exits 2."""
 

@@ -286,7 +286,8 @@ def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
     batch: dict of [B, T] arrays (`data.Batches` output: tokens, targets, loss_mask, ref_logprob,
     base_logprob, base_top1); base_params: `make_base_params(...)` (None when unused). The state
     is donated. metrics: float32 scalars (loss, response_nll, kept_ratio, high_ppl_10/100,
-    aligned / correction / drift fractions, tau, grad_norm, learning_rate, response_tokens).
+    aligned / correction / drift fractions, tau, grad_norm, learning_rate, response_tokens, and
+    nonfinite: 1 when the loss or gradient was not finite, in which case the update was skipped).
     """
     selection.validate(config.selection)
     cfg = trainee_config(config, cfg)
@@ -313,12 +314,19 @@ def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss, logprob_sum, grads), _ = jax.lax.scan(
             accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (micro, weights, dropout_rngs))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient skips the update: the state (and so every checkpoint)
+        # stays the last finite one while the host, which sees the flag a step later, stops.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
 
         metrics = _selection_metrics(config, signals, weights)
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                       learning_rate=schedule(state.step),
+        metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       nonfinite=(~finite).astype(jnp.float32),
                        response_nll=-logprob_sum / jnp.maximum(metrics["response_tokens"], 1))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

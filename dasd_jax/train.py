@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from dasd_jax import checkpoint, data, hf, lora, metrics, model, selection, sharding, stages, step
-from dasd_jax.errors import UserError
+from dasd_jax.errors import TrainingDiverged, UserError
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
           "tokens_per_s", "mfu")
@@ -169,6 +169,53 @@ def dry_run(config: Any, mesh) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
+class FiniteGuard:
+    """Stops the run at its first step with a non-finite loss or gradient (whose update the
+    step skipped). It reads each step's flag one step late, so the device keeps working ahead,
+    except on steps that log, evaluate, checkpoint or end the run: those it checks at once, so
+    no checkpoint, evaluation or export ever follows a non-finite step."""
+
+    def __init__(self, config: Any, checkpoints: checkpoint.Checkpointer):
+        self.config, self.checkpoints = config, checkpoints
+        self.pending: tuple[int, dict] | None = None
+        self.last_finite: tuple[int, float] | None = None
+
+    def after_step(self, step_number: int, step_metrics: dict, *, now: bool) -> None:
+        if self.pending is not None:
+            self._check(*self.pending)
+        self.pending = (step_number, step_metrics)
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        """Checks the step not yet checked, if any."""
+        if self.pending is not None:
+            self._check(*self.pending)
+            self.pending = None
+
+    def _check(self, step_number: int, step_metrics: dict) -> None:
+        values = metrics.fetch_numbers({k: step_metrics[k] for k in ("nonfinite", "loss",
+                                                                      "grad_norm")})
+        if not values["nonfinite"]:
+            self.last_finite = (step_number, values["loss"])
+            return
+        train = self.config.train
+        before = (f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
+                  if self.last_finite else "no finite step before it in this run")
+        saved = self.checkpoints.latest_step()
+        kept = (f"the last checkpoint, step {saved}, is kept in {self.checkpoints.directory}"
+                if saved is not None else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"step {step_number}: loss {values['loss']:.4g}, gradient norm "
+            f"{values['grad_norm']:.4g} ({before}). The update was skipped and the run stopped: "
+            f"{kept}, and nothing was exported. Try a lower --config.train.learning_rate "
+            f"(now {train.learning_rate:g}), a longer --config.train.warmup_steps (now "
+            f"{train.warmup_steps}) or a smaller --config.train.grad_clip (now "
+            f"{train.grad_clip:g})" + ("" if self.config.model.compute_dtype == "float32" else
+                                       ", or --config.model.compute_dtype=float32"))
+
+
+
 def evaluate(config, eval_step, state, base_params, examples, mesh) -> dict[str, float]:
     """Mean of eval_step metrics over `train.eval_batches` fixed batches of `examples`."""
     batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
@@ -227,6 +274,7 @@ def train(config: Any) -> dict[str, float]:
     progress = metrics.ProgressBar(config.train.steps, initial=start,
                                    enabled=primary and config.metrics.progress_bar)
     preemption = checkpoint.PreemptionFlag()
+    guard = FiniteGuard(config, checkpoints)
     last: dict[str, float] = {}
     window, window_steps = None, 0  # step metrics summed on device since the last log line
     steps_since_log = tokens_since_log = flops_since_log = 0
@@ -236,6 +284,11 @@ def train(config: Any) -> dict[str, float]:
             batch = next(batches)
             state, step_metrics = train_step(state, base_params, step.place_batch(batch, mesh))
             done = current + 1
+            guard.after_step(done, step_metrics, now=(
+                done % config.train.log_every == 0 or done % config.checkpoint.every == 0
+                or done == config.train.steps
+                or bool(eval_step and config.train.eval_every
+                        and done % config.train.eval_every == 0)))
             window = step_metrics if window is None else metrics.add(window, step_metrics)
             window_steps += 1
             if current == start:  # leave compilation out of the throughput
@@ -263,6 +316,7 @@ def train(config: Any) -> dict[str, float]:
                                             eval_examples, mesh))
             checkpoints.save(done, state, batches.state)
             if preemption.requested():
+                guard.flush()
                 checkpoints.save(done, state, batches.state, force=True)
                 checkpoints.wait()
                 absl_logging.warning("preempted: saved step %d, exiting", done)

@@ -131,3 +131,16 @@ def test_eval_step_reports_the_train_step_loss_without_updating(initial_params):
     evaluated = step.make_eval_step(config, CFG, mesh)(state, base, batch)
     _, trained = step.make_train_step(config, CFG, mesh)(state, base, batch)
     np.testing.assert_allclose(evaluated["loss"], trained["loss"], rtol=1e-6)
+
+
+def test_a_step_with_a_non_finite_gradient_skips_its_update_and_says_so(initial_params):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    config = make_config()
+    broken = jax.tree.map(lambda x: x, initial_params)
+    broken["norm"]["scale"] = broken["norm"]["scale"].at[0].set(np.inf)
+    state, metrics = run_steps(config, broken, mesh, steps=1)
+    assert metrics[0]["nonfinite"] == 1.0 and not np.isfinite(metrics[0]["grad_norm"])
+    same = jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True),
+                        jax.device_get(state.params), jax.device_get(broken))
+    assert all(jax.tree.leaves(same)) and int(state.step) == 1
+    assert run_steps(config, initial_params, mesh, steps=1)[1][0]["nonfinite"] == 0.0

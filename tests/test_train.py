@@ -159,3 +159,20 @@ def test_micro_batches_the_mesh_cannot_split_are_refused():
     with pytest.raises(UserError, match=r"batch_size=16 / --config.train.micro_batches=4 must be "
                                         r"a whole multiple of the mesh's data x fsdp size 8"):
         train.train(config)
+
+
+def test_a_diverging_run_stops_with_one_message_keeps_its_last_good_checkpoint_and_exports_nothing(
+        tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dasd_jax.train", "--config=configs/math.py:tiny",
+         f"--config.workdir={tmp_path}", "--config.train.learning_rate=1e30",
+         "--config.train.steps=12", "--config.checkpoint.every=2", "--config.train.log_every=5",
+         "--config.metrics.progress_bar=False"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: step 3: loss 4.6") and "gradient norm nan" in message
+    assert "last finite loss" in message and "checkpoint, step 2, is kept" in message
+    assert "--config.train.learning_rate (now 1e+30)" in message
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
+    assert not (tmp_path / "hf").exists()
