@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import data, sampling, selection, sharding, stages
+from dasd_jax import atomic, data, sampling, selection, sharding, stages
 from dasd_jax.errors import UserError
 from dasd_jax.rewrite import template
 
@@ -192,11 +192,10 @@ def analyze(config: Any) -> dict:
             stats[name] = categorize(items, config.selection)
             sources[name] = items
     if jax.process_index() == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+        atomic.write_text(output / "summary.json", json.dumps(stats, indent=2) + "\n")
         plot_confidence(sources, output / "confidence.png")
-        (output / "tokens.html").write_text(
-            render_html(sources, stats, tokenizer, config.analyze.examples), encoding="utf-8")
+        atomic.write_text(output / "tokens.html",
+                          render_html(sources, stats, tokenizer, config.analyze.examples))
         print(format_table(stats))
         print(f"wrote {output / 'summary.json'}, {output / 'confidence.png'}, "
               f"{output / 'tokens.html'}")

@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dasd_jax import sharding
+from dasd_jax.errors import UserError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -303,6 +304,6 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_col
     """Applies the comma-separated variants in `arg` (e.g. "tiny,sft") in order."""
     for name in filter(None, (arg or "").split(",")):
         if name not in VARIANTS:
-            raise ValueError(f"unknown config variant {name!r}; choose from {', '.join(VARIANTS)}")
+            raise UserError(f"unknown config variant {name!r}; choose from {', '.join(VARIANTS)}")
         VARIANTS[name](config)
     return config

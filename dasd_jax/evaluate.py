@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dasd_jax import checkpoint, data, hf, sampling, sharding, stages, step
+from dasd_jax import atomic, checkpoint, data, hf, sampling, sharding, stages, step
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers, coding, commonsense, gsm8k, math500, synthetic
 
@@ -330,11 +330,10 @@ def evaluate(config: Any) -> dict:
         summary["forgetting"] = {task: summaries[task]["accuracy"] - baseline[task]["accuracy"]
                                  for task in tasks if task not in tuned}
     if jax.process_index() == 0:
-        output.mkdir(parents=True, exist_ok=True)
         for task, task_lines in lines.items():
-            with open(output / f"{task}.jsonl", "w", encoding="utf-8") as file:
-                file.writelines(json.dumps(line, default=str) + "\n" for line in task_lines)
-        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            atomic.write_text(output / f"{task}.jsonl",
+                              "".join(json.dumps(line, default=str) + "\n" for line in task_lines))
+        atomic.write_text(output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         print(format_table(summaries, baseline, tuned))
         for task, task_summary in summaries.items():
             for key in ("note", "ids_not_in_the_data"):

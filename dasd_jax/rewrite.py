@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import data, sampling, sharding, stages
+from dasd_jax import atomic, data, sampling, sharding, stages
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers, synthetic
 MODES = ("sdft", "dasd")
@@ -52,6 +52,31 @@ def fingerprint(config: Any) -> dict:
     }
 
 
+def meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".meta.json")
+
+
+def check_appendable(path: Path, settings: dict) -> bool:
+    """Whether `path` already belongs to `settings` (True) or is new (False); UserError if it was
+    written with other settings or its settings are unknown. Writes nothing."""
+    meta = meta_path(path)
+    if meta.exists():
+        recorded = json.loads(meta.read_text())
+        if recorded != settings:
+            changed = sorted(k for k in settings.keys() | recorded.keys()
+                             if settings.get(k) != recorded.get(k))
+            raise UserError(
+                f"{path} was written with other settings ({', '.join(changed)} differ); "
+                "refusing to append. Choose another --config.rewrite.output, or delete the "
+                "file and its .meta.json to start over")
+        return True
+    if path.exists() and path.stat().st_size:
+        raise UserError(f"{path} exists without {meta.name}, so its settings are unknown; "
+                        "refusing to append. Move it away or choose another "
+                        "--config.rewrite.output")
+    return False
+
+
 class OutputFile:
     """Append-only JSONL of rewrites: whole lines only, synced per batch, one fingerprint.
 
@@ -60,25 +85,12 @@ class OutputFile:
 
     def __init__(self, path: Path, settings: dict, writer: bool = True):
         self.path, self.writer = path, writer
-        self.meta_path = path.with_name(path.name + ".meta.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if self.meta_path.exists():
-            recorded = json.loads(self.meta_path.read_text())
-            if recorded != settings:
-                changed = sorted(k for k in settings.keys() | recorded.keys()
-                                 if settings.get(k) != recorded.get(k))
-                raise UserError(
-                    f"{path} was written with other settings ({', '.join(changed)} differ); "
-                    "refusing to append. Choose another --config.rewrite.output, or delete the "
-                    "file and its .meta.json to start over")
-        elif not writer:
-            raise UserError(f"{self.meta_path} is missing: process 0 did not create it")
-        elif path.exists() and path.stat().st_size:
-            raise UserError(f"{path} exists without {self.meta_path.name}, so its settings are "
-                            "unknown; refusing to append. Move it away or choose another "
-                            "--config.rewrite.output")
-        else:
-            _write_atomically(self.meta_path, json.dumps(settings, indent=2) + "\n")
+        self.meta_path = meta_path(path)
+        if not check_appendable(path, settings):
+            if not writer:
+                raise UserError(f"{self.meta_path} is missing: process 0 did not create it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.meta_path, json.dumps(settings, indent=2) + "\n")
         self.done_ids = set(record["id"] for record in self._repair_and_read())
 
     def _repair_and_read(self) -> list[dict]:
@@ -103,12 +115,6 @@ class OutputFile:
             file.flush()
             os.fsync(file.fileno())
         self.done_ids.update(record["id"] for record in records)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------- one batch
@@ -260,14 +266,7 @@ def rewrite(config: Any) -> dict:
     mesh = sharding.make_mesh(config.mesh.shape)
     output_path = Path(stages.workdir_path(config, config.rewrite.output)).expanduser()
     primary = jax.process_index() == 0
-    if primary:
-        output = OutputFile(output_path, fingerprint(config))
-    if jax.process_count() > 1:  # the others read what process 0 validated and repaired
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("rewrite output file ready")
-    if not primary:
-        output = OutputFile(output_path, fingerprint(config), writer=False)
+    check_appendable(output_path, fingerprint(config))  # fail fast, before loading anything
     records = data.load_records(
         stages.workdir_path(config, config.rewrite.input), config.rewrite.split,
         config.rewrite.fields, target="reference",
@@ -277,8 +276,17 @@ def rewrite(config: Any) -> dict:
         record["id"] = str(record.get("id", record.get("task_id", index)))
     if config.rewrite.limit:
         records = records[:config.rewrite.limit]
-    todo = [r for r in records if r["id"] not in output.done_ids]
     cfg, params, tokenizer = stages.load_model(config, mesh)
+    # Only now, with the records and the model loaded, does the output file appear.
+    if primary:
+        output = OutputFile(output_path, fingerprint(config))
+    if jax.process_count() > 1:  # the others read what process 0 validated and repaired
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rewrite output file ready")
+    if not primary:
+        output = OutputFile(output_path, fingerprint(config), writer=False)
+    todo = [r for r in records if r["id"] not in output.done_ids]
     skipped, skipped_ids = Counter(), {}
     todo = _prepare(config, cfg, tokenizer, todo, skipped, skipped_ids)
 
@@ -305,7 +313,7 @@ def rewrite(config: Any) -> dict:
     progress.close()
     summary = summarize(output.records(), skipped, skipped_ids)
     if primary:
-        _write_atomically(output.path.with_name(output.path.name + ".summary.json"),
+        atomic.write_text(output.path.with_name(output.path.name + ".summary.json"),
                           json.dumps(summary, indent=2) + "\n")
         print(f"rewrote {summary['records']} records into {output.path}: "
               f"{summary['kept']} kept ({summary['acceptance_rate']:.1%}), fallbacks "

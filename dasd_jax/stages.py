@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -13,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dasd_jax import char_tokenizer, hf, model, sharding
+from dasd_jax import char_tokenizer, hf, model, sharding, validation
 from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
 from dasd_jax.tasks import synthetic
 
@@ -22,7 +25,8 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. conf
 
 
 def run(stage: Callable[[Any], object]) -> None:
-    """`app.run` for a stage's `stage(config)`: bad input prints one line and exits 2."""
+    """`app.run` for a stage's `stage(config)`: bad input (flags, the config file, any field's
+    value) prints one line and exits 2 before any work starts."""
 
     @exit_on_user_error
     def main(argv) -> None:
@@ -32,10 +36,69 @@ def run(stage: Callable[[Any], object]) -> None:
             absl_logging.set_verbosity(absl_logging.WARNING)
         if CONFIG.value is None:
             raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
+        validation.validate(CONFIG.value)
         initialize_distributed(CONFIG.value)
         stage(CONFIG.value)
 
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
+
+
+@exit_on_user_error
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with the --config file and every --config.a.b override checked
+    first, so that each mistake is one line naming the flag (not a traceback)."""
+    check_command_line(argv)
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - absl and ml_collections raise many kinds
+        raise UserError(" ".join(str(error).split())) from None
+
+
+def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --config value, the dotted names of the --config.a.b overrides)."""
+    value, overrides = None, []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[len("--config."):].split("=", 1)[0])
+    return value, overrides
+
+
+def check_command_line(argv: list[str]) -> None:
+    """UserError for a --config file that is missing or does not load, an unknown variant, or an
+    override that names no field of it (with the closest field names)."""
+    value, overrides = _config_arguments(argv)
+    if value is None:
+        return
+    path, _, variant = value.partition(":")
+    if not Path(path).is_file():
+        raise UserError(f"--config={value}: no config file at {path} (relative to {Path.cwd()}); "
+                        "the task configs are configs/math.py, configs/code.py and "
+                        "configs/commonsense.py")
+    spec = importlib.util.spec_from_file_location("_dasd_jax_config_check", path)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(variant) if variant else module.get_config()
+    except UserError as error:
+        raise UserError(f"--config={value}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - whatever the config file raised
+        raise UserError(f"--config={value} does not load: {type(error).__name__}: "
+                        f"{' '.join(str(error).split())}") from None
+    for dotted in overrides:
+        node = config
+        for depth, part in enumerate(dotted.split(".")):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(dotted.split(".")[:depth]) or "the config"
+                close = difflib.get_close_matches(part, list(node.keys()), n=3) if hasattr(
+                    node, "keys") else []
+                hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                raise UserError(f"--config.{dotted}: {where} has no field {part!r}{hint} "
+                                "(every field is in dasd_jax/config_defaults.py)")
+            node = node[part]
 
 
 def _cluster_detected() -> bool:
