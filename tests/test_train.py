@@ -147,7 +147,7 @@ def test_every_task_config_and_variant_builds():
         for variant in (None, "tiny", "sft", "tiny,sdft"):
             config = module.get_config(variant)
             assert config.selection.rule in ("dasd", "all")
-    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+    with pytest.raises(UserError, match="unknown config variant 'huge'"):
         math_config.get_config("huge")
     assert config_defaults.base_config().selection.rule == "dasd"
 
