@@ -1,31 +1,33 @@
-"""The embedded demo over several seeds, and a verdict on each of the paper's four claims.
+"""The embedded demo over several seeds: which component carries the gain, which the retention,
+and a verdict on each of the paper's four claims.
 
-    python benchmarks/demo_claims.py --seeds=0,1,2                      # CPU, ~10 min per seed
-    python benchmarks/demo_claims.py --seeds=0,1,2 --variant=demo_gpu   # the larger world
+    python benchmarks/demo_claims.py --seeds=0,1,2,3,4                  # CPU, ~16 min per seed
+    python benchmarks/demo_claims.py --seeds=0,1,2,3,4 --variant=demo_gpu
 
-Each seed runs the whole `dasd_jax.demo` pipeline with `config.seed` set to it: a base pretrained
-from that seed (cached per seed), its own fine-tuning problems, rewrites, five fine-tunes and
-evaluations. The seed's table goes to `{workdir}/seed-{seed}/demo_results.json`; this script
-prints mean ± std (sample std over seeds) per method as a Markdown table for
-benchmarks/RESULTS.md, followed by one line per claim with the criterion it applied:
+Each seed runs the whole `dasd_jax.demo` pipeline with `config.seed` set to it (a base pretrained
+from that seed and cached, its own fine-tuning problems, rewrites, fine-tunes and evaluations)
+with the demo's nine methods plus `EXTRA` (DASD's fallback modes, and DASD without the
+structural-token rule). The seed's table goes to `{workdir}/seed-{seed}/demo_results.json`; this
+script prints mean ± std (sample std over seeds) per method as Markdown for
+benchmarks/RESULTS.md, then the component comparisons and one line per claim with the criterion
+it applied. The criteria, fixed before the five-seed run:
 
-  (a) rewritten data carries many high-PPL tokens, from corrections and from drift:
-      the sdft-mode rewrites have a high-PPL ratio (1/b > 10) of at least 5% and both
-      correction and drift tokens make up at least 1% of their tokens;
-  (b) DASD reduces them: the high-PPL share of the tokens DASD trains on (its kept tokens:
-      corrections / (aligned + corrections) of the dasd-mode set, as 1/b > 10 is b < tau = 0.1)
-      is below the share in what SDFT trains on (every token of the sdft-mode set);
-  (c) DASD beats SFT and SDFT: mean hard accuracy of DASD exceeds both by more than the larger
-      of the two standard deviations;
+  (a) rewritten data carries many high-PPL tokens, from corrections and from drift: the
+      sdft-mode rewrites have a high-PPL ratio (1/b > 10) of at least 5%, and corrections and
+      drift (under the default veto test) each make up at least 1% of their tokens;
+  (b) DASD reduces them: the high-PPL share of the tokens DASD trains on (`kept_high_ppl /
+      kept_ratio` of its run) is below that of SDFT's training tokens;
+  (c) DASD beats SFT and SDFT: DASD's mean hard accuracy exceeds both by more than the larger
+      of their standard deviations;
   (d) the gain is largest on hard problems with less forgetting: DASD's easy-accuracy loss from
-      the base is smaller than SFT's and SDFT's, and DASD's hard-accuracy gain over the base
-      exceeds its easy-accuracy change.
+      the base is smaller than SFT's and SDFT's, and its hard gain exceeds its easy change.
 
-A claim the numbers do not meet is reported as "not supported", with the numbers.
-
-One ablation runs beside the demo's five methods: "DASD gamma=1", the DASD rule without its
-competing-preference test (a low-confidence token with q >= kappa counts as a correction however
-confident the base is in another token), to show how much of DASD's result that test decides.
+Components (a difference counts when it exceeds the larger of the two standard deviations):
+co-decoding = "co-decoding" vs SDFT (same rule `all`, other rewrites); selection = DASD vs
+"co-decoding" (same rewrites) and "DASD on sdft" vs SDFT (same rewrites); the correction test =
+DASD vs "DASD base_unsure" and "DASD ref_confident"; the choice of tokens = DASD vs random (same
+count). What causes forgetting: across every method and seed, the correlation of the easy-
+accuracy loss with the share of high-PPL tokens among the response tokens a method trains on.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from dasd_jax import demo
 from dasd_jax.config_defaults import apply_variants, base_config
 
 REPO = Path(__file__).resolve().parent.parent
-ABLATIONS = {"DASD gamma=1": ("dasd", "rewrites_dasd.jsonl", "response", {"gamma": 1.0})}
+EXTRA = {
+    "DASD fallback=ppl_filter": ("dasd", demo.DASD_FILE, "response", {"fallback": "ppl_filter"}),
+    "DASD fallback=drop": ("dasd", demo.DASD_FILE, "response", {"fallback": "drop"}),
+    "DASD fallback=all": ("dasd", demo.DASD_FILE, "response", {"fallback": "all"}),
+    "DASD no structural": ("dasd", demo.DASD_FILE, "response", {"keep_structural": False}),
+}
+METRICS = ("demo_hard", "demo_easy", "kept_ratio", "kept_high_ppl", "demo_hard_unfinished",
+           "demo_easy_unfinished")
 
 
 def run_seed(seed: int, variant: str, workdir: Path) -> dict:
@@ -50,7 +59,7 @@ def run_seed(seed: int, variant: str, workdir: Path) -> dict:
     config = get_config(variant)
     config.seed = seed
     config.workdir = str(workdir / f"seed-{seed}")
-    return demo.run(config, extra_methods=ABLATIONS)
+    return demo.run(config, extra_methods=EXTRA)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,25 +68,66 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(tables: list[dict]) -> dict:
     """Per method and metric: (mean, std) over seeds; plus the analysis and acceptance numbers."""
-    methods = tables[0]["results"]
     summary = {"results": {}, "high_ppl_10": {}, "categories": {}, "rewrite_acceptance": {},
                "seconds": {}}
-    for method in methods:
+    for method, first in tables[0]["results"].items():
         summary["results"][method] = {
             metric: mean_std([t["results"][method][metric] for t in tables])
-            for metric in ("demo_hard", "demo_easy", "kept_ratio")
-            if tables[0]["results"][method].get(metric) is not None}
+            for metric in METRICS if first.get(metric) is not None}
     for source in tables[0]["high_ppl_10"]:
         summary["high_ppl_10"][source] = mean_std([t["high_ppl_10"][source] for t in tables])
         summary["categories"][source] = {
             category: mean_std([t["categories"][source][category] for t in tables])
-            for category in ("aligned", "correction", "drift")}
+            for category in tables[0]["categories"][source]}
     for mode in tables[0]["rewrite_acceptance"]:
         summary["rewrite_acceptance"][mode] = mean_std(
             [t["rewrite_acceptance"][mode] for t in tables])
     for stage in tables[0]["seconds"]:
         summary["seconds"][stage] = mean_std([t["seconds"][stage] for t in tables])
+    summary["forgetting_correlation"] = forgetting_correlation(tables)
     return summary
+
+
+def forgetting_correlation(tables: list[dict]) -> dict:
+    """Pearson correlation, over every (method, seed), of the easy-accuracy loss from the base
+    with the high-PPL share of the trained tokens (kept_high_ppl / kept_ratio), and with the
+    kept ratio itself."""
+    points = []
+    for table in tables:
+        base = table["results"]["base"]["demo_easy"]
+        for name, r in table["results"].items():
+            if name != "base" and r.get("kept_high_ppl") is not None and r.get("kept_ratio"):
+                points.append((base - r["demo_easy"], r["kept_high_ppl"] / r["kept_ratio"],
+                               r["kept_ratio"]))
+    loss, share, kept = zip(*points)
+    return {"points": len(points), "with_high_ppl_share": statistics.correlation(loss, share),
+            "with_kept_ratio": statistics.correlation(loss, kept)}
+
+
+def _pm(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.1%} ± {pair[1]:.1%}"
+
+
+def _ahead(results: dict, a: str, b: str, metric: str) -> tuple[float, bool]:
+    """(mean of a − mean of b, whether it exceeds the larger standard deviation)."""
+    difference = results[a][metric][0] - results[b][metric][0]
+    return difference, abs(difference) > max(results[a][metric][1], results[b][metric][1])
+
+
+def components(summary: dict) -> list[str]:
+    results = summary["results"]
+    lines = []
+    for label, a, b in (("co-decoding (rewrites, rule all)", "co-decoding", "SDFT"),
+                        ("selection on co-decoded rewrites", "DASD", "co-decoding"),
+                        ("selection on sdft rewrites", "DASD on sdft", "SDFT"),
+                        ("veto vs base_unsure", "DASD", "DASD base_unsure"),
+                        ("veto vs reference_confident", "DASD", "DASD ref_confident"),
+                        ("choice of tokens (vs random, same count)", "DASD", "random")):
+        hard, hard_counts = _ahead(results, a, b, "demo_hard")
+        easy, easy_counts = _ahead(results, a, b, "demo_easy")
+        lines.append(f"* {label}: {a} − {b}: hard {hard:+.1%}{'' if hard_counts else ' (within noise)'}"
+                     f", easy {easy:+.1%}{'' if easy_counts else ' (within noise)'}")
+    return lines
 
 
 def verdicts(summary: dict) -> list[tuple[str, bool, str]]:
@@ -95,12 +145,10 @@ def verdicts(summary: dict) -> list[tuple[str, bool, str]]:
                 f"sdft rewrites: high-PPL {sdft_ppl:.1%} (need >= 5%), corrections "
                 f"{correction:.1%} and drift {drift:.1%} of tokens (need >= 1% each)"))
 
-    dasd = categories["dasd"]
-    kept_ppl = dasd["correction"][0] / max(dasd["aligned"][0] + dasd["correction"][0], 1e-9)
-    out.append(("(b) DASD reduces high-PPL tokens", kept_ppl < sdft_ppl,
-                f"high-PPL share of trained tokens: DASD {kept_ppl:.1%} (kept tokens of the "
-                f"dasd-mode set, whose tokens overall are {high_ppl['dasd'][0]:.1%} high-PPL) vs "
-                f"SDFT {sdft_ppl:.1%}, SFT {high_ppl['references'][0]:.1%}"))
+    share = lambda m: results[m]["kept_high_ppl"][0] / results[m]["kept_ratio"][0]  # noqa: E731
+    out.append(("(b) DASD reduces high-PPL tokens", share("DASD") < share("SDFT"),
+                f"high-PPL share of trained tokens: DASD {share('DASD'):.1%} vs SDFT "
+                f"{share('SDFT'):.1%}, SFT {share('SFT'):.1%}"))
 
     margin = max(hard["SFT"][1], hard["SDFT"][1])
     beats = all(hard["DASD"][0] - hard[m][0] > margin for m in ("SFT", "SDFT"))
@@ -120,28 +168,35 @@ def verdicts(summary: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
-def _pm(pair: tuple[float, float]) -> str:
-    return f"{pair[0]:.1%} ± {pair[1]:.1%}"
-
-
 def markdown(summary: dict, seeds: list[int]) -> str:
     rows = [f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds.", "",
-            "| model | hard acc | easy acc | kept ratio |", "|---|---|---|---|"]
-    for method, metrics in summary["results"].items():
-        kept = metrics.get("kept_ratio")
-        kept_text = "" if kept is None else f"{kept[0]:.3f} ± {kept[1]:.3f}"
-        rows.append(f"| {method} | {_pm(metrics['demo_hard'])} | {_pm(metrics['demo_easy'])} | "
-                    f"{kept_text} |")
-    rows += ["", "| training set | high-PPL (1/b > 10) | aligned | correction | drift |",
-             "|---|---|---|---|---|"]
+            "| model | hard acc | easy acc | kept ratio | high-PPL share of kept | unfinished (hard / easy) |",
+            "|---|---|---|---|---|---|"]
+    for method, m in summary["results"].items():
+        kept = "" if "kept_ratio" not in m else f"{m['kept_ratio'][0]:.3f} ± {m['kept_ratio'][1]:.3f}"
+        share = ("" if "kept_high_ppl" not in m or not m.get("kept_ratio", (0,))[0] else
+                 f"{m['kept_high_ppl'][0] / m['kept_ratio'][0]:.1%}")
+        unfinished = (f"{m['demo_hard_unfinished'][0]:.1%} / {m['demo_easy_unfinished'][0]:.1%}"
+                      if "demo_hard_unfinished" in m else "")
+        rows.append(f"| {method} | {_pm(m['demo_hard'])} | {_pm(m['demo_easy'])} | {kept} | "
+                    f"{share} | {unfinished} |")
+    categories = next(iter(summary["categories"].values()))
+    rows += ["", "| training set | high-PPL (1/b > 10) | " + " | ".join(categories) + " |",
+             "|---|---|" + "---|" * len(categories)]
     for source, ratio in summary["high_ppl_10"].items():
         c = summary["categories"][source]
-        rows.append(f"| {source} | {_pm(ratio)} | {_pm(c['aligned'])} | {_pm(c['correction'])} "
-                    f"| {_pm(c['drift'])} |")
+        rows.append(f"| {source} | {_pm(ratio)} | " + " | ".join(_pm(c[k]) for k in categories)
+                    + " |")
+    correlation = summary["forgetting_correlation"]
     rows += ["", "Rewrites accepted: " + ", ".join(
         f"{mode} {_pm(v)}" for mode, v in summary["rewrite_acceptance"].items()),
         "Wall time per seed: " + ", ".join(
-            f"{stage} {v[0]:.0f} ± {v[1]:.0f} s" for stage, v in summary["seconds"].items()), ""]
+            f"{stage} {v[0]:.0f} ± {v[1]:.0f} s" for stage, v in summary["seconds"].items()),
+        "", "Components:", *components(summary), "",
+        f"Forgetting: over {correlation['points']} (method, seed) runs, the easy-accuracy loss "
+        f"correlates with the high-PPL share of the trained tokens at "
+        f"r = {correlation['with_high_ppl_share']:+.2f}, and with the kept ratio at "
+        f"r = {correlation['with_kept_ratio']:+.2f}.", ""]
     for claim, supported, evidence in verdicts(summary):
         rows.append(f"* {claim}: **{'supported' if supported else 'not supported'}** "
                     f"({evidence}).")
@@ -150,7 +205,7 @@ def markdown(summary: dict, seeds: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--variant", default="demo", help="configs/math.py variant")
     parser.add_argument("--workdir", default="/tmp/dasd_jax_demo_claims")
     parser.add_argument("--summarize_only", action="store_true",

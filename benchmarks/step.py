@@ -27,9 +27,11 @@ def make_batch(cfg: model.ModelConfig, batch: int, seq_len: int) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
     nan = np.full((batch, seq_len), np.nan, np.float32)
+    no = np.zeros((batch, seq_len), bool)
     return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
             "loss_mask": np.arange(seq_len)[None].repeat(batch, 0) >= seq_len // 4,
-            "ref_logprob": nan, "base_logprob": nan, "base_top1": nan}
+            "fallback": no, "structural": no, "ref_logprob": nan, "base_logprob": nan,
+            "base_top1": nan, "ref_logprob_base_choice": nan, "ref_top1": nan}
 
 
 def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:

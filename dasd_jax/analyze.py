@@ -2,15 +2,17 @@
 
 For each training-data source in `analyze.sources` (e.g. references, SDFT rewrites, DASD
 rewrites) it measures every response token under the base model: confidence `b_t = π0(ŷ_t)`, the
-base's top-1 probability `m_t`, and the answer-aware reference's `q_t = πref(ŷ_t)` (read from the
-records when a rewrite recorded them, else computed by a teacher-forced pass on the base model and
-on the answer-aware prompt), then reports
+base's top-1 probability `m_t`, the answer-aware reference's `q_t = πref(ŷ_t)` and
+`r_t = πref(v0) / max πref` for the base's own choice v0 (read from the records when a rewrite
+recorded them, else computed by teacher-forced passes in the base and answer-aware contexts),
+then reports
 
 * the high-PPL ratio (share of tokens with 1/b_t > θ) for θ ∈ {10, 100},
-* aligned / correction / drift counts under `config.selection` (the DASD rule),
+* aligned / correction / drift / structural counts under `config.selection` (the DASD rule,
+  with its configured correction test; `rho` unset = the source's rewrite alpha),
 * `confidence.png`: histograms of log10 b_t per source,
 * `tokens.html`: a self-contained page showing examples with every response token coloured by
-  its category, with b_t, q_t and m_t on hover,
+  its category, with b_t, q_t, m_t and r_t on hover,
 
 all in `{workdir}/analysis` (`analyze.output`), with the numbers in `summary.json`.
 """
@@ -25,13 +27,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import atomic, data, sampling, selection, sharding, stages
+from dasd_jax import atomic, data, rewrite, sampling, selection, sharding, stages, step
 from dasd_jax.errors import UserError
 from dasd_jax.rewrite import template
 
 THRESHOLDS = (10, 100)
+CATEGORIES = ("aligned", "correction", "drift", "structural")
 CATEGORY_COLORS = {"aligned": "#d8f0d8", "correction": "#ffe08a", "drift": "#f6b4b4",
-                   "prompt": "#ffffff"}
+                   "structural": "#cfe0ff", "prompt": "#ffffff"}
 
 
 def parse_sources(spec: str) -> list[tuple[str, str, str]]:
@@ -53,12 +56,18 @@ def parse_sources(spec: str) -> list[tuple[str, str, str]]:
     return sources
 
 
+SIGNALS = ("ref_logprobs", "base_logprobs", "base_top1", "ref_logprob_base_choice", "ref_top1")
+
+
 def token_signals(config, cfg, params, tokenizer, records: list[dict], target: str) -> list[dict]:
-    """Per record: the response token ids and float32 arrays b, m, log q over them."""
+    """Per record with a non-empty target: {"record", "ids" (the target's tokens), "fallback",
+    "structural" (bool per token: at or after the first stop token), and float32 arrays of
+    SIGNALS over the ids}: recorded values where a rewrite has them, else teacher-forced."""
     data_config = config.data.copy_and_resolve_references()
     data_config.target = target
     prompt_template = template(config)
-    out, to_score = [], []
+    stops = set(sampling.stop_ids(cfg, tokenizer))
+    items, prompts = [], []
     for record in records:
         text = record.get(target) or ""
         if not text.strip():
@@ -66,49 +75,53 @@ def token_signals(config, cfg, params, tokenizer, records: list[dict], target: s
         use_recorded = target == "response" and "response_ids" in record
         ids = (record["response_ids"] if use_recorded else
                data.response_tokens(record["prompt"], text, tokenizer, data_config))
-        item = {"record": record, "ids": ids}
-        for name in ("ref_logprobs", "base_logprobs", "base_top1"):
-            values = record.get(name) if use_recorded else None
-            item[name] = None if values is None else np.asarray(values, np.float32)
-        if item["base_logprobs"] is None or item["base_top1"] is None:
-            to_score.append((item, "base", data.prompt_tokens(record["prompt"], tokenizer, data_config)))
-        if item["ref_logprobs"] is None and record.get("reference"):
-            answer_aware = prompt_template.format(prompt=record["prompt"], reference=record["reference"])
-            to_score.append((item, "ref", data.prompt_tokens(answer_aware, tokenizer, data_config)))
-        out.append(item)
-    buckets = tuple(sorted({b + config.data.max_seq_len for b in config.rewrite.prompt_buckets}))
-    for start in range(0, len(to_score), config.rewrite.batch_size):
-        chunk = to_score[start:start + config.rewrite.batch_size]
-        scored = sampling.score(cfg, params, [c for _, _, c in chunk],
-                                [item["ids"] for item, _, _ in chunk], buckets)
-        for (item, which, _), (logprob, top1) in zip(chunk, scored):
-            if which == "base":
-                item["base_logprobs"], item["base_top1"] = logprob, top1
-            else:
-                item["ref_logprobs"] = logprob
-    for item in out:
-        if item["ref_logprobs"] is None:
-            item["ref_logprobs"] = np.full(len(item["ids"]), np.nan, np.float32)
-    return out
+        item = {"record": record, "response_ids": ids,
+                "fallback": target == "response" and record.get("source") == "reference"}
+        item.update({name: record.get(name) if use_recorded else None for name in SIGNALS})
+        first_stop = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+        item["structural"] = np.arange(len(ids)) >= first_stop
+        prompt = {"base_prompt": data.prompt_tokens(record["prompt"], tokenizer, data_config)}
+        if record.get("reference"):
+            prompt["reference_prompt"] = data.prompt_tokens(prompt_template.format(
+                prompt=record["prompt"], reference=record["reference"]), tokenizer, data_config)
+        items.append(item)
+        prompts.append(prompt)
+    rewrite.teacher_forced_signals(config, cfg, params, items, prompts)
+    for item in items:
+        item["ids"] = item.pop("response_ids")
+        for name in SIGNALS:
+            values = item[name]
+            item[name] = (np.full(len(item["ids"]), np.nan, np.float32) if values is None
+                          else np.asarray(values, np.float32))
+    return items
 
 
 def categorize(items: list[dict], selection_config) -> dict[str, Any]:
     """Adds per-token categories to `items` and returns the source's statistics."""
     lengths = [len(item["ids"]) for item in items]
     width = max(lengths)
-    pad = lambda name, fill: np.stack([np.pad(item[name], (0, width - len(item[name])),  # noqa: E731
-                                              constant_values=fill) for item in items])
+
+    def pad(name, fill):
+        return np.stack([np.pad(np.asarray(item[name]), (0, width - len(item["ids"])),
+                                constant_values=fill) for item in items])
+
     mask = np.arange(width)[None] < np.asarray(lengths)[:, None]
-    signals = selection.Signals(loss_mask=mask, base_logprob=pad("base_logprobs", 0.0),
-                                base_top1=pad("base_top1", 0.0), ref_logprob=pad("ref_logprobs", np.nan))
+    signals = selection.Signals(
+        loss_mask=mask, base_logprob=pad("base_logprobs", 0.0), base_top1=pad("base_top1", 0.0),
+        ref_logprob=pad("ref_logprobs", np.nan),
+        ref_logprob_base_choice=pad("ref_logprob_base_choice", np.nan),
+        ref_top1=pad("ref_top1", np.nan), structural=pad("structural", False),
+        fallback=mask & np.asarray([item["fallback"] for item in items])[:, None])
     groups = jax.device_get(selection.categories(signals, selection_config))
     for row, item in enumerate(items):
-        item["category"] = np.where(groups["aligned"][row], "aligned",
-                                    np.where(groups["correction"][row], "correction", "drift"))[:lengths[row]]
+        item["category"] = np.select(
+            [groups[name][row] for name in ("aligned", "correction", "structural")],
+            ["aligned", "correction", "structural"], "drift")[:lengths[row]]
     base = np.asarray(signals.base_logprob)[mask]
-    stats = {"records": len(items), "tokens": int(mask.sum()), "tau": float(groups["tau"])}
+    stats = {"records": len(items), "tokens": int(mask.sum()), "tau": float(groups["tau"]),
+             "correction_test": selection_config.correction_test}
     stats.update({f"high_ppl_{t}": float(np.mean(base < -np.log(t))) for t in THRESHOLDS})
-    stats.update({name: int(groups[name].sum()) for name in ("aligned", "correction", "drift")})
+    stats.update({name: int(groups[name].sum()) for name in CATEGORIES})
     return stats
 
 
@@ -143,25 +156,29 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
         f".tokens{{font-family:monospace;white-space:pre-wrap;line-height:1.6}}"
         f"span[title]{{border-radius:2px}}{style}</style></head><body>",
         "<h1>What DASD keeps and drops</h1><p>Response tokens coloured by category: "
-        + " ".join(f"<span class='{c}'>&nbsp;{c}&nbsp;</span>" for c in ("aligned", "correction", "drift"))
-        + ". Hover a token for its base confidence b, reference probability q and base top-1 m."
-        " Aligned and correction tokens are trained on; drift tokens are dropped.</p>",
+        + " ".join(f"<span class='{c}'>&nbsp;{c}&nbsp;</span>" for c in CATEGORIES)
+        + ". Hover a token for its base confidence b, the reference's probability q of it, the "
+        "base's top-1 probability m and r = πref(base's choice) / max πref. Aligned, correction "
+        "and structural (end-of-turn) tokens are trained on; drift tokens are dropped.</p>",
     ]
     for name, items in sources.items():
         numbers = stats[name]
         parts.append(f"<h2>{html.escape(name)}</h2><p>{numbers['records']} records, "
                      f"{numbers['tokens']} tokens; high-PPL (1/b &gt; 10) "
-                     f"{numbers['high_ppl_10']:.1%}; aligned {numbers['aligned']}, correction "
-                     f"{numbers['correction']}, drift {numbers['drift']}; τ = {numbers['tau']:.3g}</p>")
+                     f"{numbers['high_ppl_10']:.1%}; "
+                     + ", ".join(f"{c} {numbers[c]}" for c in CATEGORIES)
+                     + f"; τ = {numbers['tau']:.3g}; correction test "
+                     f"{html.escape(numbers['correction_test'])}</p>")
         for item in items[:examples]:
             spans = []
-            for token, category, b, q, m in zip(item["ids"], item["category"],
-                                                np.exp(item["base_logprobs"]),
-                                                np.exp(item["ref_logprobs"]), item["base_top1"]):
+            ratios = np.exp(item["ref_logprob_base_choice"] - item["ref_top1"])
+            for token, category, b, q, m, r in zip(
+                    item["ids"], item["category"], np.exp(item["base_logprobs"]),
+                    np.exp(item["ref_logprobs"]), item["base_top1"], ratios):
                 text = html.escape(tokenizer.decode([int(token)]))
-                q_text = "n/a" if np.isnan(q) else f"{q:.3f}"
-                spans.append(f"<span class='{category}' title='{category}: b={b:.3f} q={q_text} "
-                             f"m={m:.3f}'>{text}</span>")
+                shown = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"  # noqa: E731
+                spans.append(f"<span class='{category}' title='{category}: b={b:.3f} "
+                             f"q={shown(q)} m={m:.3f} r={shown(r)}'>{text}</span>")
             parts.append(f"<h3>{html.escape(str(item['record'].get('id', '')))}</h3>"
                          f"<p><b>Prompt.</b> {html.escape(item['record']['prompt'])}</p>"
                          f"<div class='tokens'>{''.join(spans)}</div>")
@@ -173,7 +190,7 @@ def analyze(config: Any) -> dict:
     """Writes summary.json, confidence.png and tokens.html; returns the summary."""
     if not config.workdir:
         raise UserError("--config.workdir is required (paths may use {workdir})")
-    selection.validate(config.selection)
+    selection.validate(step.with_rho(config).selection)
     mesh = sharding.make_mesh(config.mesh.shape)
     cfg, params, tokenizer = stages.load_model(config, mesh)
     output = Path(stages.workdir_path(config, config.analyze.output)).expanduser()
@@ -189,7 +206,8 @@ def analyze(config: Any) -> dict:
             items = token_signals(config, cfg, params, tokenizer, records, target)
             if not items:
                 raise UserError(f"source {name!r} ({path}) has no non-empty {target}s")
-            stats[name] = categorize(items, config.selection)
+            alpha = rewrite.recorded_alpha(stages.workdir_path(config, path))
+            stats[name] = categorize(items, step.with_rho(config, alpha).selection)
             sources[name] = items
     if jax.process_index() == 0:
         atomic.write_text(output / "summary.json", json.dumps(stats, indent=2) + "\n")
@@ -204,13 +222,13 @@ def analyze(config: Any) -> dict:
 
 def format_table(stats: dict) -> str:
     header = f"{'source':<16}{'records':>8}{'tokens':>9}{'PPL>10':>9}{'PPL>100':>9}" \
-             f"{'aligned':>9}{'correct.':>9}{'drift':>9}"
+             f"{'aligned':>9}{'correct.':>9}{'drift':>9}{'struct.':>9}"
     rows = [header, "-" * len(header)]
     for name, s in stats.items():
         total = max(s["tokens"], 1)
         rows.append(f"{name:<16}{s['records']:>8}{s['tokens']:>9}{s['high_ppl_10']:>9.1%}"
-                    f"{s['high_ppl_100']:>9.1%}{s['aligned'] / total:>9.1%}"
-                    f"{s['correction'] / total:>9.1%}{s['drift'] / total:>9.1%}")
+                    f"{s['high_ppl_100']:>9.1%}" + "".join(f"{s[c] / total:>9.1%}"
+                                                          for c in CATEGORIES))
     return "\n".join(rows)
 
 

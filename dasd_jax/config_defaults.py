@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.fields = ml_collections.ConfigDict(dict(  # record field names, mappable
         prompt="prompt", reference="reference", response="response",
         ref_logprobs="ref_logprobs", base_logprobs="base_logprobs", base_top1="base_top1",
+        ref_logprob_base_choice="ref_logprob_base_choice", ref_top1="ref_top1",
     ))
     config.data.target = "response"  # which text is trained: response (a rewrite) | reference
     config.data.max_seq_len = 1024
@@ -131,11 +132,24 @@ def base_config() -> ml_collections.ConfigDict:
     config.selection.tau_min = 0.01
     config.selection.tau_max = 0.5
     config.selection.kappa = 0.5  # q_t >= kappa: the answer-aware reference was confident
-    config.selection.gamma = 0.5  # m_t < gamma: the base had no strong competing preference
+    # When a high-PPL token (b_t < tau) with q_t >= kappa is a correction (kept), not drift:
+    # veto = the reference rules out the base's own choice v0 = argmax π0 (r_t = πref(v0) /
+    # max πref < rho); base_unsure = the base had no strong competing preference (m_t < gamma);
+    # reference_confident = q_t >= kappa alone.
+    config.selection.correction_test = "veto"
+    config.selection.rho = config_dict.placeholder(float)  # None: the rewrite's alpha
+    config.selection.gamma = 0.5  # m_t < gamma, for correction_test=base_unsure
     config.selection.confidence_model = "base"  # base | current (the trainee)
     config.selection.rho1_keep = 0.6  # fraction of response tokens rho1 keeps per batch
     # High-PPL tokens without a recorded q (plain references): drop (= ppl_filter there) | keep
     config.selection.missing_ref = "drop"
+    # Fallback lines of a rewrite file (source "reference": the reference model read the very
+    # text it scores, so its q there is copying): rule (like any line) | ppl_filter (aligned
+    # tokens only) | drop (no token) | all (every token). dasd and random only.
+    config.selection.fallback = "rule"
+    # The target's end-of-turn / end-of-sequence tokens (and what the template puts after them)
+    # are always kept by the selecting rules (dasd, ppl_filter, rho1, random).
+    config.selection.keep_structural = True
 
     config.eval = ml_collections.ConfigDict()
     config.eval.tasks = "gsm8k"  # comma-separated; see dasd_jax/evaluate.py for the list

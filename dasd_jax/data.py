@@ -9,8 +9,9 @@
 
 A record is a dict with canonical keys: `prompt`, `reference`, `response` (texts), and what a
 rewrite recorded for each response token: `response_ids`, `ref_logprobs`, `base_logprobs`,
-`base_top1`. Each example is the prompt's tokens followed by the target's (`data.target`: the
-rewrite `response` or the `reference`); only target tokens carry loss.
+`base_top1`, `ref_logprob_base_choice`, `ref_top1`; a rewrite's fallback lines have
+`source = "reference"`. Each example is the prompt's tokens followed by the target's
+(`data.target`: the rewrite `response` or the `reference`); only target tokens carry loss.
 
 A batch is a dict of numpy arrays, all [B, T], where T is the smallest of `data.buckets` that
 holds the batch's longest example (so the jitted step compiles once per bucket):
@@ -18,9 +19,13 @@ holds the batch's longest example (so the jitted step compiles once per bucket):
     tokens        int32    the sequence, padded with pad_id
     targets       int32    tokens shifted left by one: targets[:, t] = tokens[:, t + 1]; pad last
     loss_mask     bool     targets[:, t] is a target (response) token
+    fallback      bool     ... of a record that fell back to its reference (source "reference")
+    structural    bool     ... at or after the response's first stop token (end of turn / eos)
     ref_logprob   float32  log πref(targets[:, t]) recorded by the rewrite; NaN where absent
-    base_logprob  float32  log π0(targets[:, t]) recorded by co-decoding; NaN where absent
-    base_top1     float32  max_v π0(v) at t, recorded by co-decoding; NaN where absent
+    base_logprob  float32  log π0(targets[:, t]) recorded by the rewrite; NaN where absent
+    base_top1     float32  max_v π0(v) at t, recorded by the rewrite; NaN where absent
+    ref_logprob_base_choice  float32  log πref(argmax_v π0(v)) at t; NaN where absent
+    ref_top1      float32  log max_v πref(v) at t; NaN where absent
 
 Every per-token value sits at the position that predicts its token, the position whose logits
 score it, so masks, signals and log-probs line up without further shifting.
@@ -42,13 +47,17 @@ import numpy as np
 from dasd_jax.errors import UserError
 
 TEXT_FIELDS = ("prompt", "reference", "response")
-VALUE_FIELDS = ("ref_logprobs", "base_logprobs", "base_top1")  # record keys, one value per token
+# record keys, one value per response token
+VALUE_FIELDS = ("ref_logprobs", "base_logprobs", "base_top1", "ref_logprob_base_choice",
+                "ref_top1")
 CANONICAL_FIELDS = (*TEXT_FIELDS, "response_ids", *VALUE_FIELDS)
 TARGETS = ("response", "reference")
 OVERLONG = ("truncate", "drop")
 # record key -> Example / batch key
 VALUE_ARRAYS = {"ref_logprobs": "ref_logprob", "base_logprobs": "base_logprob",
-                "base_top1": "base_top1"}
+                "base_top1": "base_top1", "ref_logprob_base_choice": "ref_logprob_base_choice",
+                "ref_top1": "ref_top1"}
+MASK_ARRAYS = ("loss_mask", "fallback", "structural")  # bool Example / batch keys
 PATH_FORMS = ("a JSONL file, a directory of *.jsonl files, a dataset directory written by "
               "datasets' save_to_disk, hf:NAME[:CONFIG], or generated")
 
@@ -249,16 +258,23 @@ class Example:
     """One tokenized record; position t describes the prediction of tokens[t + 1].
 
     tokens: int32[L] (prompt then target); loss_mask: bool[L], True where tokens[t + 1] is a
-    target token (the last entry is always False); ref_logprob, base_logprob, base_top1:
-    float32[L], the recorded value for tokens[t + 1] at t, NaN where none was recorded.
-    record_index: the record's index in the list given to `tokenize`.
+    target token (the last entry is always False); fallback: bool[L], loss_mask of a record
+    that fell back to its reference; structural: bool[L], True where tokens[t + 1] is a target
+    token at or after the target's first stop token; ref_logprob, base_logprob, base_top1,
+    ref_logprob_base_choice, ref_top1: float32[L], the recorded value for tokens[t + 1] at t,
+    NaN where none was recorded. record_index: the record's index in the list given to
+    `tokenize`.
     """
 
     tokens: np.ndarray
     loss_mask: np.ndarray
+    fallback: np.ndarray
+    structural: np.ndarray
     ref_logprob: np.ndarray
     base_logprob: np.ndarray
     base_top1: np.ndarray
+    ref_logprob_base_choice: np.ndarray
+    ref_top1: np.ndarray
     record_index: int
 
     @property
@@ -338,11 +354,15 @@ def _recorded_values(record: dict, name: str, response_length: int, index: int) 
 
 
 def _example(index: int, prompt: list[int], response: list[int],
-             values: dict[str, np.ndarray]) -> Example:
+             values: dict[str, np.ndarray], fallback: bool, stop_ids: frozenset) -> Example:
     length, start = len(prompt) + len(response), len(prompt) - 1  # start predicts response[0]
     loss_mask = np.zeros(length, bool)
     loss_mask[start:length - 1] = True
-    arrays = {}
+    structural = np.zeros(length, bool)
+    stops = [i for i, token in enumerate(response) if token in stop_ids]
+    if stops:
+        structural[start + stops[0]:length - 1] = True
+    arrays = {"fallback": loss_mask & fallback, "structural": structural}
     for name, key in VALUE_ARRAYS.items():
         array = np.full(length, np.nan, np.float32)
         recorded = values[name][:len(response)]
@@ -352,8 +372,12 @@ def _example(index: int, prompt: list[int], response: list[int],
                    record_index=index, **arrays)
 
 
-def tokenize(records: Sequence[dict], tokenizer, data_config) -> tuple[list[Example], dict]:
+def tokenize(records: Sequence[dict], tokenizer, data_config,
+             stop_ids: Iterable[int] = ()) -> tuple[list[Example], dict]:
     """Examples for `records` under `data_config` (`config.data`), and counts of what happened.
+
+    `stop_ids`: the model's end-of-sequence / end-of-turn ids (`sampling.stop_ids`); a target's
+    tokens from its first stop token on are marked `structural`.
 
     Chat template (when `data_config.chat_template` and the tokenizer has one): optional system
     message + user(prompt) with the generation prompt, then the rest of the conversation with
@@ -376,7 +400,7 @@ def tokenize(records: Sequence[dict], tokenizer, data_config) -> tuple[list[Exam
                             f"{type(error).__name__}: {error}; it must contain {{prompt}} and "
                             "write other braces as {{ and }}") from None
     counts = {"truncated": 0, "dropped": 0, "empty": 0}
-    examples = []
+    examples, stops = [], frozenset(int(token) for token in stop_ids)
     for index, record in enumerate(records):
         text = record.get(target) or ""
         response = ([] if not ("response_ids" in record or text.strip()) else
@@ -397,7 +421,8 @@ def tokenize(records: Sequence[dict], tokenizer, data_config) -> tuple[list[Exam
                 continue
             response = response[:room]
             counts["truncated"] += 1
-        examples.append(_example(index, prompt, response, values))
+        fallback = target == "response" and record.get("source") == "reference"
+        examples.append(_example(index, prompt, response, values, fallback, stops))
     summary = ", ".join(f"{count} {what}" for what, count in (
         (f"truncated to max_seq_len={max_seq_len}", counts["truncated"]),
         (f"dropped as longer than max_seq_len={max_seq_len}", counts["dropped"]),
@@ -454,11 +479,12 @@ def collate(examples: Sequence[Example], buckets: Sequence[int], pad_id: int) ->
     """Examples padded to T = the smallest bucket >= the longest: a dict of [B, T] arrays
     (keys and dtypes in the module docstring)."""
     shape = (len(examples), _bucket(max(len(example.tokens) for example in examples), buckets))
-    batch = {"tokens": np.full(shape, pad_id, np.int32), "loss_mask": np.zeros(shape, bool)}
+    batch = {"tokens": np.full(shape, pad_id, np.int32)}
+    batch.update({key: np.zeros(shape, bool) for key in MASK_ARRAYS})
     batch.update({key: np.full(shape, np.nan, np.float32) for key in VALUE_ARRAYS.values()})
     for row, example in enumerate(examples):
         length = len(example.tokens)
-        for key in ("tokens", "loss_mask", *VALUE_ARRAYS.values()):
+        for key in ("tokens", *MASK_ARRAYS, *VALUE_ARRAYS.values()):
             batch[key][row, :length] = getattr(example, key)
     batch["targets"] = np.full(shape, pad_id, np.int32)
     batch["targets"][:, :-1] = batch["tokens"][:, 1:]

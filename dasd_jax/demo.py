@@ -6,9 +6,11 @@ The whole DASD pipeline, offline, in the generated arithmetic world of `tasks.sy
    examples (cached in `demo.cache_dir`, keyed by every setting that shapes it);
 2. rewrite the hard fine-tuning problems, whose references are in a foreign style, in `sdft` and
    `dasd` (co-decoding) modes;
-3. fine-tune the base five ways, each the same step with one rule changed: SFT (`all` on the
-   references), SDFT (`all` on the sdft rewrites), DASD (`dasd` on the dasd rewrites),
-   `ppl_filter` and `random` (on the dasd rewrites);
+3. fine-tune the base nine ways (`METHODS`), each the same step with one setting changed: SFT
+   (`all` on the references), SDFT (`all` on the sdft rewrites), co-decoding alone (`all` on the
+   dasd rewrites), DASD with each correction test (veto, base_unsure, reference_confident) on
+   the dasd rewrites, DASD-veto on the sdft rewrites (selection without co-decoding), the PPL
+   filter, and random selection at DASD-veto's keep rate;
 4. evaluate every model on held-out hard problems (the gain) and easy native ones (forgetting),
    analyze the training sets (high-PPL ratios, token categories, plots, token page),
 and print one table. Every stage is the package's real code path (`train.train`,
@@ -26,16 +28,23 @@ from typing import Any
 
 import jax
 
-from dasd_jax import analyze, evaluate, rewrite, stages, train
+from dasd_jax import analyze, atomic, evaluate, rewrite, stages, train
 from dasd_jax.tasks import synthetic
 
-METHODS = {  # name: (rule, training file, target)
-    "SFT": ("all", "rewrites_dasd.jsonl", "reference"),
-    "SDFT": ("all", "rewrites_sdft.jsonl", "response"),
-    "DASD": ("dasd", "rewrites_dasd.jsonl", "response"),
-    "PPL filter": ("ppl_filter", "rewrites_dasd.jsonl", "response"),
-    "random": ("random", "rewrites_dasd.jsonl", "response"),
+DASD_FILE, SDFT_FILE = "rewrites_dasd.jsonl", "rewrites_sdft.jsonl"
+METHODS = {  # name: (rule, training file, target, selection overrides)
+    "SFT": ("all", DASD_FILE, "reference", {}),
+    "SDFT": ("all", SDFT_FILE, "response", {}),
+    "co-decoding": ("all", DASD_FILE, "response", {}),
+    "DASD": ("dasd", DASD_FILE, "response", {}),
+    "DASD base_unsure": ("dasd", DASD_FILE, "response", {"correction_test": "base_unsure"}),
+    "DASD ref_confident": ("dasd", DASD_FILE, "response",
+                           {"correction_test": "reference_confident"}),
+    "DASD on sdft": ("dasd", SDFT_FILE, "response", {}),
+    "PPL filter": ("ppl_filter", DASD_FILE, "response", {}),
+    "random": ("random", DASD_FILE, "response", {}),
 }
+LOGGED = ("kept_ratio", "kept_high_ppl", "aligned", "correction", "drift", "structural")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -100,8 +109,8 @@ def pretrained_base(config: Any, log) -> Path:
 
 def run(config: Any, extra_methods: dict | None = None) -> dict:
     """Runs the demo; returns the results table as a dict and prints it. `extra_methods`
-    ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations;
-    their kept ratio is measured in training (the mean over the last logging window)."""
+    ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations.
+    Each method's kept ratio and token composition are the means over its training run."""
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
     timings: dict[str, float] = {}
@@ -130,12 +139,12 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     started = time.perf_counter()
     base_eval = evaluate.evaluate(_stage(config, workdir / "base", model=on_base,
                                          eval=dict(evaluation, checkpoint="base")))
-    results["base"] = {task: s["accuracy"] for task, s in base_eval["tasks"].items()}
+    results["base"] = _scores(base_eval)
     timings["evaluate"] = time.perf_counter() - started
     timings["finetune"] = 0.0
-    methods = {name: (*spec, {}) for name, spec in METHODS.items()}
-    for name, (rule, training_file, target, selection) in {**methods, **(extra_methods or {})}.items():
-        run_dir = workdir / name.lower().replace(" ", "_")
+    for name, (rule, training_file, target, selection) in {**METHODS,
+                                                            **(extra_methods or {})}.items():
+        run_dir = workdir / name.lower().replace(" ", "_").replace("=", "")
         shutil.rmtree(run_dir, ignore_errors=True)
         stage = _stage(config, run_dir, model=on_base,
                        data=dict(path=str(workdir / training_file), target=target, eval_path=""),
@@ -145,52 +154,60 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
                        selection=dict(selection, rule=rule),
                        eval=dict(evaluation, checkpoint="{workdir}/hf"))
         started = time.perf_counter()
-        last = train.train(stage)
+        train.train(stage)
         timings["finetune"] += time.perf_counter() - started
         started = time.perf_counter()
-        scores = evaluate.evaluate(stage)
+        results[name] = {**_scores(evaluate.evaluate(stage)), **training_means(run_dir)}
         timings["evaluate"] += time.perf_counter() - started
-        results[name] = {task: s["accuracy"] for task, s in scores["tasks"].items()}
-        if name not in METHODS:
-            results[name]["kept_ratio"] = last.get("kept_ratio")
 
     started = time.perf_counter()
-    sources = (f"references={workdir}/rewrites_dasd.jsonl@reference,"
-               f"sdft={workdir}/rewrites_sdft.jsonl,dasd={workdir}/rewrites_dasd.jsonl")
+    sources = (f"references={workdir}/{DASD_FILE}@reference,"
+               f"sdft={workdir}/{SDFT_FILE},dasd={workdir}/{DASD_FILE}")
     analysis = analyze.analyze(_stage(config, workdir, model=on_base,
                                       analyze=dict(sources=sources, output=str(workdir / "analysis"))))
     timings["analyze"] = time.perf_counter() - started
-    for name, kept in kept_ratios(analysis).items():
-        results[name]["kept_ratio"] = kept
+    source_of = {DASD_FILE: "dasd", SDFT_FILE: "sdft"}
+    for name, (rule, training_file, target, _) in {**METHODS, **(extra_methods or {})}.items():
+        if rule == "all":  # every token is kept: the set's own high-PPL share, from the analysis
+            source = "references" if target == "reference" else source_of[training_file]
+            results[name]["kept_high_ppl"] = analysis[source]["high_ppl_10"]
     table = {"results": results, "high_ppl_10": {k: v["high_ppl_10"] for k, v in analysis.items()},
-             "categories": {k: {c: v[c] / max(v["tokens"], 1)
-                                for c in ("aligned", "correction", "drift")}
+             "categories": {k: {c: v[c] / max(v["tokens"], 1) for c in analyze.CATEGORIES}
                             for k, v in analysis.items()},
              "rewrite_acceptance": {m: s["acceptance_rate"] for m, s in rewrite_summaries.items()},
              "seconds": timings}
     if jax.process_index() == 0:
-        (workdir / "demo_results.json").write_text(json.dumps(table, indent=2) + "\n")
+        atomic.write_text(workdir / "demo_results.json", json.dumps(table, indent=2) + "\n")
         print(format_table(table))
     return table
 
 
-def kept_ratios(analysis: dict) -> dict[str, float]:
-    """Share of its training set's response tokens each method trains on, over the whole set:
-    the base is frozen, so the analysis' categories are exactly the step's selection (DASD keeps
-    aligned + correction tokens, the PPL filter aligned ones; random keeps as many as DASD)."""
-    dasd = analysis["dasd"]
-    tokens = max(dasd["tokens"], 1)
-    dasd_kept = (dasd["aligned"] + dasd["correction"]) / tokens
-    return {"SFT": 1.0, "SDFT": 1.0, "DASD": dasd_kept, "PPL filter": dasd["aligned"] / tokens,
-            "random": dasd_kept}
+def _scores(summary: dict) -> dict[str, float]:
+    """Accuracy per task, and the share of unfinished completions ("{task}_unfinished")."""
+    scores = {task: s["accuracy"] for task, s in summary["tasks"].items()}
+    scores.update({f"{task}_unfinished": s.get("unfinished", 0.0)
+                   for task, s in summary["tasks"].items()})
+    return scores
+
+
+def training_means(run_dir: Path) -> dict[str, float]:
+    """Means over a training run's logged windows (each the mean of its steps) of `LOGGED`."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
+    return {name: sum(line[name] for line in lines) / len(lines) for name in LOGGED
+            if lines and all(name in line for line in lines)}
 
 
 def format_table(table: dict) -> str:
-    rows = [f"{'model':<12}{'hard acc':>10}{'easy acc':>10}{'kept':>8}",
-            "-" * 40]
+    header = (f"{'model':<20}{'hard acc':>10}{'easy acc':>10}{'kept':>7}{'kept PPL>τ':>12}"
+              f"{'unfinished':>12}")
+    rows = [header, "-" * len(header)]
     for name, r in table["results"].items():
         kept = "" if r.get("kept_ratio") is None else f"{r['kept_ratio']:.2f}"
-        rows.append(f"{name:<12}{r['demo_hard']:>10.1%}{r['demo_easy']:>10.1%}{kept:>8}")
+        high = "" if r.get("kept_high_ppl") is None else f"{r['kept_high_ppl']:.2f}"
+        unfinished = (r.get("demo_hard_unfinished", 0.0) + r.get("demo_easy_unfinished", 0.0)) / 2
+        rows.append(f"{name:<20}{r['demo_hard']:>10.1%}{r['demo_easy']:>10.1%}{kept:>7}"
+                    f"{high:>12}{unfinished:>12.1%}")
     rows.append("")
     rows.append("high-PPL ratio (1/b > 10) of each training set under the base: " + ", ".join(
         f"{k} {v:.1%}" for k, v in table["high_ppl_10"].items()))

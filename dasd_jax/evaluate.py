@@ -149,10 +149,12 @@ def _settings(config, cfg, tokenizer) -> sampling.Settings:
         prompt_buckets=tuple(config.eval.prompt_buckets))
 
 
-def generate_completions(config, cfg, params, tokenizer, prompts: list[str]) -> list[str]:
+def generate_completions(config, cfg, params, tokenizer,
+                         prompts: list[str]) -> tuple[list[str], list[bool]]:
+    """(completion texts, whether each ended with a stop token within eval.max_new_tokens)."""
     settings = _settings(config, cfg, tokenizer)
     ids = [data.prompt_tokens(text, tokenizer, config.data) for text in prompts]
-    completions = []
+    completions, finished = [], []
     size = config.eval.batch_size
     rng = jax.random.PRNGKey(config.seed)
     for start in range(0, len(ids), size):
@@ -162,7 +164,8 @@ def generate_completions(config, cfg, params, tokenizer, prompts: list[str]) -> 
                                         jax.random.fold_in(rng, start))[:len(batch)]:
             tokens = [t for t in result.tokens if t not in settings.eos_ids]
             completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return completions
+            finished.append(result.finished)
+    return completions, finished
 
 
 def choice_logliks(config, cfg, params, tokenizer, items: list[dict]) -> list[list[tuple[float, int]]]:
@@ -246,10 +249,14 @@ def evaluate_model(config, cfg, params, tokenizer, tasks: list[str], mesh) -> tu
             items = [item for item, fit in zip(items, fits) if fit]
             prompts = [GENERATIVE[task].prompt(item) for item in items]
             samples = max(config.eval.samples, 1)
-            texts = generate_completions(config, cfg, params, tokenizer,
-                                         [p for p in prompts for _ in range(samples)])
+            texts, finished = generate_completions(config, cfg, params, tokenizer,
+                                                   [p for p in prompts for _ in range(samples)])
             grouped = [texts[i * samples:(i + 1) * samples] for i in range(len(items))]
             lines[task], summaries[task] = score_generative(task, items, grouped)
+            for line, done in zip(lines[task], finished[::samples]):
+                line["finished"] = done
+            summaries[task]["unfinished"] = (1.0 - float(np.mean(finished[::samples]))
+                                             if items else 0.0)
             summaries[task]["skipped_prompt_too_long"] = skipped
     return lines, summaries
 

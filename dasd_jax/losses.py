@@ -14,21 +14,29 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-STATS = ("logprob", "top1", "entropy")
+STATS = ("logprob", "top1", "top1_logprob", "entropy", "argmax", "query_logprob")
 
 
-def _chunk_stats(hidden: Array, kernel: Array, targets: Array, stats: tuple[str, ...]) -> tuple:
-    """hidden [B, C, D], kernel [D, V], targets int32[B, C] -> one float32[B, C] per stat."""
+def _chunk_stats(hidden: Array, kernel: Array, targets: Array, queries: Array | None,
+                 stats: tuple[str, ...]) -> tuple:
+    """hidden [B, C, D], kernel [D, V], targets (and queries) int32[B, C] -> one [B, C] per stat
+    (float32, int32 for argmax)."""
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel.astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    picked = lambda ids: jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]  # noqa: E731
     out = []
     for stat in stats:
         if stat == "logprob":
-            target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-            out.append(target_logit - log_normalizer)
+            out.append(picked(targets) - log_normalizer)
+        elif stat == "query_logprob":
+            out.append(picked(queries) - log_normalizer)
         elif stat == "top1":
             out.append(jnp.exp(jnp.max(logits, axis=-1) - log_normalizer))
+        elif stat == "top1_logprob":
+            out.append(jnp.max(logits, axis=-1) - log_normalizer)
+        elif stat == "argmax":
+            out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
         elif stat == "entropy":
             probs = jnp.exp(logits - log_normalizer[..., None])
             out.append(log_normalizer - jnp.sum(probs * logits, axis=-1))
@@ -36,30 +44,37 @@ def _chunk_stats(hidden: Array, kernel: Array, targets: Array, stats: tuple[str,
 
 
 def token_stats(hidden: Array, kernel: Array, targets: Array, *, chunk: int = 512,
-                stats: tuple[str, ...] = ("logprob",)) -> dict[str, Array]:
+                stats: tuple[str, ...] = ("logprob",), queries: Array | None = None
+                ) -> dict[str, Array]:
     """Per-token statistics of the next-token distribution, computed `chunk` positions at a time.
 
     hidden: [B, T, D] final hidden states (compute dtype); kernel: [D, V] output embedding;
-    targets: int32[B, T]. Returns {stat: float32[B, T]} for stat in `stats` ⊆
-    ("logprob" = log p(target), "top1" = max_v p(v), "entropy" = -Σ p log p).
+    targets: int32[B, T]; queries: int32[B, T], other tokens to score (for "query_logprob").
+    Returns {stat: [B, T]} for stat in `stats` ⊆ ("logprob" = log p(target), "top1" = max_v
+    p(v), "top1_logprob" = log max_v p(v), "entropy" = -Σ p log p, "argmax" = argmax_v p(v)
+    (int32), "query_logprob" = log p(query)), float32 unless said otherwise.
     chunk <= 0 or >= T projects the whole sequence at once (the naive computation).
     """
     unknown = set(stats) - set(STATS)
     if unknown:
         raise ValueError(f"unknown token stats {sorted(unknown)}; choose from {STATS}")
+    if ("query_logprob" in stats) != (queries is not None):
+        raise ValueError("the query_logprob stat and the queries argument go together")
+    queries = targets if queries is None else queries
     batch, length, width = hidden.shape
     if chunk <= 0 or chunk >= length:
-        return dict(zip(stats, _chunk_stats(hidden, kernel, targets, stats)))
+        return dict(zip(stats, _chunk_stats(hidden, kernel, targets, queries, stats)))
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    split = lambda ids: jnp.pad(ids, ((0, 0), (0, pad))).reshape(  # noqa: E731
+        batch, num_chunks, chunk).swapaxes(0, 1)
     hidden_chunks = hidden.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
 
     body = jax.checkpoint(functools.partial(_chunk_stats, stats=stats),
                           policy=jax.checkpoint_policies.nothing_saveable)
-    per_chunk = jax.lax.map(lambda xs: body(xs[0], kernel, xs[1]), (hidden_chunks, target_chunks))
+    per_chunk = jax.lax.map(lambda xs: body(xs[0], kernel, xs[1], xs[2]),
+                            (hidden_chunks, split(targets), split(queries)))
     return {stat: values.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
             for stat, values in zip(stats, per_chunk)}
 

@@ -8,9 +8,10 @@ otherwise the record falls back to the reference (`source = "reference"`, `fallb
 the decoded text as `rejected_rewrite`, for inspection).
 
 Each output line holds `id, prompt, reference, response, response_ids, source, ref_logprobs,
-base_logprobs, base_top1, n_candidates`: per response token, log πref, log π0 and max π0 (from
-co-decoding, or from a teacher-forced pass), so training reads the file as it is, and may skip
-its base forward (`--config.train.base_confidence=cached`). Lines are appended a batch at a time
+base_logprobs, base_top1, ref_logprob_base_choice, ref_top1, n_candidates`: per response token,
+log πref, log π0, max π0, log πref(v0) (v0 = argmax π0, what the base would have written) and
+log max πref (from co-decoding, or from teacher-forced passes), so training reads the file as it
+is, and may skip its base forward (`--config.train.base_confidence=cached`). Lines are appended a batch at a time
 and synced; re-running skips ids already written and repairs a line cut short by a crash. A
 sidecar `.meta.json` records the settings: a different config refuses to append. A summary JSON
 (`.summary.json`) holds the acceptance rate, fallback reasons, mean n_candidates and the
@@ -19,6 +20,7 @@ high-PPL ratio of the kept responses.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -54,6 +56,15 @@ def fingerprint(config: Any) -> dict:
 
 def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
+
+
+def recorded_alpha(path: str | os.PathLike) -> float | None:
+    """The co-decoding alpha a rewrite file was written with (its .meta.json), or None."""
+    meta = meta_path(Path(path).expanduser())
+    try:
+        return float(json.loads(meta.read_text())["sampling"]["alpha"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_appendable(path: Path, settings: dict) -> bool:
@@ -172,7 +183,7 @@ def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tup
     else:
         decoded = sampling.generate(cfg, params, reference_prompts, settings, rng)
 
-    out, to_score = [], []
+    out = []
     eos = set(settings.eos_ids)
     for record, result in zip(batch, decoded):
         content = result.tokens[:-1] if result.tokens and result.tokens[-1] in eos else result.tokens
@@ -182,29 +193,54 @@ def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tup
         line = {"id": record["id"], "prompt": record["prompt"], "reference": record["reference"]}
         if reason is None:
             line.update(response=text, response_ids=result.tokens, source="rewrite",
-                        ref_logprobs=result.logprobs, base_logprobs=result.base_logprobs,
-                        base_top1=result.base_top1, n_candidates=result.n_candidates)
+                        **{key: getattr(result, field) for key, field in DECODED_SIGNALS.items()})
         else:
             ids = data.response_tokens(record["prompt"], record["reference"], tokenizer,
                                        config.data)
             line.update(response=record["reference"], response_ids=ids, source="reference",
-                        fallback_reason=reason, rejected_rewrite=text, ref_logprobs=None,
-                        base_logprobs=None, base_top1=None, n_candidates=None)
+                        fallback_reason=reason, rejected_rewrite=text,
+                        **{key: None for key in DECODED_SIGNALS})
         out.append(line)
-        if line["ref_logprobs"] is None:
-            to_score.append((line, "ref", record["reference_prompt"]))
-        if line["base_logprobs"] is None:
-            to_score.append((line, "base", record["base_prompt"]))
-    if to_score:
-        buckets = sorted({b + config.data.max_seq_len for b in config.rewrite.prompt_buckets})
-        scored = sampling.score(cfg, params, [context for _, _, context in to_score],
-                                [line["response_ids"] for line, _, _ in to_score], buckets)
-        for (line, which, _), (logprob, top1) in zip(to_score, scored):
-            if which == "ref":
-                line["ref_logprobs"] = logprob.tolist()
-            else:
-                line["base_logprobs"], line["base_top1"] = logprob.tolist(), top1.tolist()
+    teacher_forced_signals(config, cfg, params, out, batch)
     return out, sum(len(result.tokens) for result in decoded[:len(batch)])
+
+
+# record key -> sampling.Decoded field, for what decoding records itself
+DECODED_SIGNALS = {"ref_logprobs": "logprobs", "base_logprobs": "base_logprobs",
+                   "base_top1": "base_top1", "n_candidates": "n_candidates",
+                   "ref_logprob_base_choice": "ref_logprob_base_choice", "ref_top1": "ref_top1"}
+
+
+def teacher_forced_signals(config, cfg, params, lines: list[dict], prompts: list[dict]) -> None:
+    """Fills the signals a line lacks (sdft rewrites and fallbacks: what decoding did not
+    record) from teacher-forced passes over its response_ids: first in the base context
+    (`prompts[i]["base_prompt"]`: log π0, max π0, and v0 = argmax π0, what the base would have
+    written), then in the answer-aware one (`reference_prompt`, if any: log πref, log πref(v0),
+    log max πref). Passes of rewrite.batch_size rows, one compile per length bucket."""
+    buckets = sorted({b + config.data.max_seq_len for b in config.rewrite.prompt_buckets})
+    score = functools.partial(sampling.score_stats, cfg, params, buckets=buckets,
+                              batch_size=config.rewrite.batch_size)
+    base_rows = [i for i, line in enumerate(lines) if line["base_logprobs"] is None
+                 or line["ref_logprob_base_choice"] is None]
+    choices = {}
+    for i, found in zip(base_rows, score(
+            [prompts[i]["base_prompt"] for i in base_rows],
+            [lines[i]["response_ids"] for i in base_rows], ("logprob", "top1", "argmax"))):
+        choices[i] = found["argmax"]
+        if lines[i]["base_logprobs"] is None:
+            lines[i]["base_logprobs"] = found["logprob"].tolist()
+            lines[i]["base_top1"] = found["top1"].tolist()
+    ref_rows = [i for i in base_rows if lines[i]["ref_logprob_base_choice"] is None
+                and prompts[i].get("reference_prompt")]
+    for i, found in zip(ref_rows, score(
+            [prompts[i]["reference_prompt"] for i in ref_rows],
+            [lines[i]["response_ids"] for i in ref_rows],
+            ("logprob", "top1_logprob", "query_logprob"),
+            queries=[choices[i] for i in ref_rows])):
+        if lines[i]["ref_logprobs"] is None:
+            lines[i]["ref_logprobs"] = found["logprob"].tolist()
+        lines[i]["ref_logprob_base_choice"] = found["query_logprob"].tolist()
+        lines[i]["ref_top1"] = found["top1_logprob"].tolist()
 
 
 # ----------------------------------------------------------------------------- the run

@@ -57,7 +57,9 @@ class Decoded:
     per generated token, log p of it under the model's unfiltered distribution.
 
     Co-decoding fills `logprobs` with the reference's (log πref) and adds `base_logprobs`
-    (log π0), `base_top1` (max_v π0(v)) and `n_candidates` (|C_t|).
+    (log π0), `base_top1` (max_v π0(v)), `n_candidates` (|C_t|), and the correction test's
+    signals `ref_logprob_base_choice` (log πref(v0), v0 = argmax π0: what the base would have
+    written) and `ref_top1` (log max_v πref(v)).
     """
 
     tokens: list[int]
@@ -66,6 +68,8 @@ class Decoded:
     base_logprobs: list[float] | None = None
     base_top1: list[float] | None = None
     n_candidates: list[int] | None = None
+    ref_logprob_base_choice: list[float] | None = None
+    ref_top1: list[float] | None = None
 
 
 def stop_ids(cfg: model.ModelConfig, tokenizer) -> tuple[int, ...]:
@@ -124,10 +128,13 @@ def _codecode_step(logits: Array, rng: Array, settings: Settings):
         candidates &= ref_log_probs >= kth
     restricted = jnp.where(candidates, base_logits, -jnp.inf)
     tokens = choose(restricted, rng, settings)
-    pick = lambda table: jnp.take_along_axis(table, tokens[:, None], -1)[:, 0]  # noqa: E731
-    records = {"logprobs": pick(ref_log_probs), "base_logprobs": pick(base_log_probs),
+    pick = lambda table, ids: jnp.take_along_axis(table, ids[:, None], -1)[:, 0]  # noqa: E731
+    base_choice = jnp.argmax(base_log_probs, -1)
+    records = {"logprobs": pick(ref_log_probs, tokens), "base_logprobs": pick(base_log_probs, tokens),
                "base_top1": jnp.exp(jnp.max(base_log_probs, -1)),
-               "n_candidates": jnp.sum(candidates, -1).astype(jnp.int32)}
+               "n_candidates": jnp.sum(candidates, -1).astype(jnp.int32),
+               "ref_logprob_base_choice": pick(ref_log_probs, base_choice),
+               "ref_top1": jnp.max(ref_log_probs, -1)}
     return jnp.concatenate([tokens, tokens]), tokens, records
 
 
@@ -250,22 +257,55 @@ def score(cfg: model.ModelConfig, params, contexts: Sequence[Sequence[int]],
 
     Returns one (float32[len], float32[len]) pair per example.
     """
-    sequences = [list(c) + list(r) for c, r in zip(contexts, continuations)]
-    length = prompt_bucket(max(map(len, sequences)), buckets)
-    tokens = np.zeros((len(sequences), length), np.int32)
-    for row, sequence in enumerate(sequences):
-        tokens[row, :len(sequence)] = sequence
-    stats = sharding.to_host(_score(cfg, params, tokens))
+    stats = score_stats(cfg, params, contexts, continuations, ("logprob", "top1"), buckets)
+    return [(found["logprob"], found["top1"]) for found in stats]
+
+
+def score_stats(cfg: model.ModelConfig, params, contexts: Sequence[Sequence[int]],
+                continuations: Sequence[Sequence[int]], stats: tuple[str, ...],
+                buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+                queries: Sequence[Sequence[int]] | None = None,
+                batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Teacher-forced `losses.token_stats` of the distribution before each continuation token:
+    per example {stat: [len(continuation)]}. `queries` (one token per continuation position)
+    are the tokens "query_logprob" scores. `batch_size`: rows per compiled pass (the last pass
+    padded with copies of its first row, so every pass has one shape); None = all at once."""
+    size = batch_size or max(len(contexts), 1)
     out = []
-    for row, (context, continuation) in enumerate(zip(contexts, continuations)):
-        span = slice(len(context) - 1, len(context) - 1 + len(continuation))
-        out.append((stats["logprob"][row, span], stats["top1"][row, span]))
+    for start in range(0, len(contexts), size):
+        rows = slice(start, start + size)
+        chunk = [list(contexts[rows]), list(continuations[rows]),
+                 None if queries is None else list(queries[rows])]
+        count = len(chunk[0])
+        if batch_size:
+            chunk = [None if part is None else part + [part[0]] * (size - count)
+                     for part in chunk]
+        out.extend(_score_chunk(cfg, params, *chunk, stats, buckets)[:count])
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(cfg, params, tokens):
+def _score_chunk(cfg, params, contexts, continuations, queries, stats, buckets):
+    sequences = [list(c) + list(r) for c, r in zip(contexts, continuations)]
+    length = prompt_bucket(max(map(len, sequences)), buckets)
+    tokens = np.zeros((len(sequences), length), np.int32)
+    asked = np.zeros((len(sequences), length), np.int32)
+    for row, sequence in enumerate(sequences):
+        tokens[row, :len(sequence)] = sequence
+        if queries is not None:
+            start = len(contexts[row]) - 1
+            asked[row, start:start + len(queries[row])] = queries[row]
+    found = sharding.to_host(_score(cfg, params, tokens, asked if queries is not None else None,
+                                    tuple(stats)))
+    out = []
+    for row, (context, continuation) in enumerate(zip(contexts, continuations)):
+        span = slice(len(context) - 1, len(context) - 1 + len(continuation))
+        out.append({stat: values[row, span] for stat, values in found.items()})
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _score(cfg, params, tokens, queries, stats):
     hidden = model.hidden_states(cfg, params, tokens)
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     return losses.token_stats(hidden, model.output_embedding(cfg, params), targets,
-                              stats=("logprob", "top1"))
+                              stats=stats, queries=queries)

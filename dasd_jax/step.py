@@ -31,7 +31,8 @@ from dasd_jax.errors import UserError
 
 Array = jax.Array
 PyTree = Any
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "ref_logprob", "base_logprob", "base_top1")
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "fallback", "structural", "ref_logprob",
+              "base_logprob", "base_top1", "ref_logprob_base_choice", "ref_top1")
 
 
 @flax.struct.dataclass
@@ -223,7 +224,8 @@ def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Sig
     """Signals of one micro-batch: every field float32[b, T] (None when the rule needs none)."""
     rule, chunk = config.selection.rule, config.train.loss_chunk
     needed = selection.needs(rule, config.selection)
-    found = {"loss_mask": batch["loss_mask"], "ref_logprob": batch["ref_logprob"]}
+    found = {key: batch[key] for key in ("loss_mask", "fallback", "structural", "ref_logprob",
+                                         "ref_logprob_base_choice", "ref_top1")}
     if config.train.base_confidence == "cached":
         found.update(base_logprob=batch["base_logprob"], base_top1=batch["base_top1"])
     elif "base" in needed:
@@ -248,7 +250,10 @@ def _selection_metrics(config, signals: selection.Signals, weights: Array) -> di
                         else signals.base_logprob) is not None
     if confidence_known:
         groups = selection.categories(signals, config.selection)
-        metrics.update({name: fraction(groups[name]) for name in ("aligned", "correction", "drift")})
+        metrics.update({name: fraction(groups[name])
+                        for name in ("aligned", "correction", "drift", "structural")})
+        metrics["kept_high_ppl"] = fraction((weights > 0) & (groups["correction"]
+                                                             | groups["drift"]))
         metrics["tau"] = groups["tau"]
     return metrics
 
@@ -280,15 +285,26 @@ def _loss_and_metrics_fn(config: Any, cfg: model.ModelConfig):
     return signals_and_weights, micro_loss
 
 
+def with_rho(config: Any, alpha: float | None = None) -> Any:
+    """`config` with selection.rho set when unset: to `alpha` (the alpha a rewrite file was
+    written with, `rewrite.recorded_alpha`) or else to rewrite.alpha."""
+    if config.selection.rho is not None:
+        return config
+    config = config.copy_and_resolve_references()
+    config.selection.rho = float(config.rewrite.alpha if alpha is None else alpha)
+    return config
+
+
 def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
     """`train_step(state, base_params, batch) -> (state, metrics)`, jitted on `mesh`.
 
-    batch: dict of [B, T] arrays (`data.Batches` output: tokens, targets, loss_mask, ref_logprob,
-    base_logprob, base_top1); base_params: `make_base_params(...)` (None when unused). The state
-    is donated. metrics: float32 scalars (loss, response_nll, kept_ratio, high_ppl_10/100,
-    aligned / correction / drift fractions, tau, grad_norm, learning_rate, response_tokens, and
-    nonfinite: 1 when the loss or gradient was not finite, in which case the update was skipped).
+    batch: dict of [B, T] arrays (`data.Batches` output, the keys of BATCH_KEYS); base_params:
+    `make_base_params(...)` (None when unused). The state is donated. metrics: float32 scalars
+    (loss, response_nll, kept_ratio, high_ppl_10/100, aligned / correction / drift /
+    structural fractions, kept_high_ppl (kept tokens with b < tau), tau, grad_norm, learning_rate, response_tokens, and nonfinite: 1 when
+    the loss or gradient was not finite, in which case the update was skipped).
     """
+    config = with_rho(config)
     selection.validate(config.selection)
     cfg = trainee_config(config, cfg)
     tx = make_optimizer(config.train)
@@ -337,6 +353,7 @@ def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
 def make_eval_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
     """`eval_step(state, base_params, batch) -> metrics`: the train step's loss and selection
     metrics on a batch, without an update (the random rule uses a fixed key)."""
+    config = with_rho(config)
     selection.validate(config.selection)
     cfg = trainee_config(config, cfg)
     signals_and_weights, micro_loss = _loss_and_metrics_fn(config, cfg)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import checkpoint, data, hf, lora, metrics, model, selection, sharding, stages, step
+from dasd_jax import (checkpoint, data, hf, lora, metrics, model, rewrite, sampling, selection,
+                      sharding, stages, step)
 from dasd_jax.errors import TrainingDiverged, UserError
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
@@ -32,7 +33,7 @@ LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift"
 # ----------------------------------------------------------------------------- set-up
 
 
-def load_examples(config: Any, tokenizer, *, evaluation: bool):
+def load_examples(config: Any, tokenizer, *, evaluation: bool, stop_ids=()):
     path = stages.workdir_path(config, config.data.eval_path if evaluation else config.data.path)
     target = config.data.eval_target if evaluation else config.data.target
     if not path:
@@ -48,7 +49,7 @@ def load_examples(config: Any, tokenizer, *, evaluation: bool):
     )
     data_config = config.data.copy_and_resolve_references()
     data_config.target = target
-    examples, _ = data.tokenize(records, tokenizer, data_config)
+    examples, _ = data.tokenize(records, tokenizer, data_config, stop_ids=stop_ids)
     if config.train.base_confidence == "cached":
         if not evaluation:
             data.check_cached_base_signals(examples)
@@ -93,7 +94,8 @@ def abstract_inputs(config: Any, cfg: model.ModelConfig, mesh):
                             sharding.param_shardings(base_cfg, mesh, config.mesh.rules))
     shape = (config.train.batch_size, max(config.data.buckets))
     batch_sharding = sharding.batch_sharding(mesh)
-    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_}
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32,
+              **{key: jnp.bool_ for key in data.MASK_ARRAYS}}
     batch = {key: jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.float32), sharding=batch_sharding)
              for key in step.BATCH_KEYS}
     return state, base, batch
@@ -229,6 +231,8 @@ def evaluate(config, eval_step, state, base_params, examples, mesh) -> dict[str,
 def train(config: Any) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics."""
     validate(config)
+    config = step.with_rho(config, rewrite.recorded_alpha(
+        stages.workdir_path(config, config.data.path)))
     mesh = sharding.make_mesh(config.mesh.shape)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch, remainder = divmod(config.train.batch_size, config.train.micro_batches)
@@ -242,8 +246,9 @@ def train(config: Any) -> dict[str, float]:
     workdir = Path(config.workdir).expanduser()
     primary = jax.process_index() == 0
     cfg, params, tokenizer = stages.load_model(config, mesh)
-    examples = load_examples(config, tokenizer, evaluation=False)
-    eval_examples = load_examples(config, tokenizer, evaluation=True)
+    stop_ids = sampling.stop_ids(cfg, tokenizer)
+    examples = load_examples(config, tokenizer, evaluation=False, stop_ids=stop_ids)
+    eval_examples = load_examples(config, tokenizer, evaluation=True, stop_ids=stop_ids)
 
     base_params = step.make_base_params(config, cfg, params, mesh)
     state = step.init_train_state(config, cfg, params, mesh)

@@ -46,7 +46,7 @@ def test_analysis_counts_every_response_token_into_one_category(analysis):
     assert set(stats) == {"references", "rewrites"}
     for numbers in stats.values():
         assert numbers["records"] == 6
-        assert numbers["aligned"] + numbers["correction"] + numbers["drift"] == numbers["tokens"]
+        assert sum(numbers[c] for c in analyze.CATEGORIES) == numbers["tokens"]
         assert 0 <= numbers["high_ppl_100"] <= numbers["high_ppl_10"] <= 1
 
 
@@ -61,9 +61,10 @@ def test_analysis_writes_a_summary_a_plot_and_a_well_formed_token_page(analysis)
     assert page.errors == [] and page.stack == []
     assert len(page.spans) > 100
     classes = {span["class"] for span in page.spans}
-    assert classes <= {"aligned", "correction", "drift"} and "aligned" in classes
+    assert classes <= set(analyze.CATEGORIES) and "aligned" in classes
+    assert "structural" in classes  # every reference ends with its eos token
     assert all(span["title"].split(":")[0] == span["class"] and " b=" in span["title"]
-               and " q=" in span["title"] for span in page.spans)
+               and " q=" in span["title"] and " r=" in span["title"] for span in page.spans)
 
 
 def test_sources_must_name_a_path():

@@ -15,7 +15,9 @@ from dasd_jax.tasks import synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH_KEYS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.bool_,
-              "ref_logprob": np.float32, "base_logprob": np.float32, "base_top1": np.float32}
+              "fallback": np.bool_, "structural": np.bool_, "ref_logprob": np.float32,
+              "base_logprob": np.float32, "base_top1": np.float32,
+              "ref_logprob_base_choice": np.float32, "ref_top1": np.float32}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,10 @@ def make_examples(lengths):
         tokens[0] = index + 10
         mask = np.zeros(length, bool)
         mask[:-1] = True
-        nan = np.full(length, np.nan, np.float32)
-        examples.append(data.Example(tokens, mask, nan, nan, nan, record_index=index))
+        nan, no = np.full(length, np.nan, np.float32), np.zeros(length, bool)
+        examples.append(data.Example(
+            tokens, mask, fallback=no, structural=no, ref_logprob=nan, base_logprob=nan,
+            base_top1=nan, ref_logprob_base_choice=nan, ref_top1=nan, record_index=index))
     return examples
 
 
@@ -112,6 +116,35 @@ def test_recorded_logprobs_sit_at_the_position_that_predicts_their_token(tokeniz
     assert np.isnan(rest).all() and np.isnan(example.base_logprob).all()
     assert example.ref_logprob.dtype == np.float32
     assert not data.has_values([example], "ref_logprob")  # "</s>" has no recorded value
+
+
+def test_the_veto_signals_sit_with_the_others_and_fallback_lines_are_marked(tokenizer):
+    records = [{"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "reference",
+                "ref_logprob_base_choice": [-2.0, -0.5], "ref_top1": [-0.1, -0.2]},
+               {"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "rewrite"}]
+    (fallback, rewritten), _ = data.tokenize(records, tokenizer, data_config())
+    start = fallback.prompt_length - 1
+    np.testing.assert_allclose(fallback.ref_logprob_base_choice[start:start + 2], [-2.0, -0.5])
+    np.testing.assert_allclose(fallback.ref_top1[start:start + 2], [-0.1, -0.2])
+    assert fallback.fallback.tolist() == fallback.loss_mask.tolist()
+    assert not rewritten.fallback.any() and np.isnan(rewritten.ref_top1).all()
+    (as_reference,), _ = data.tokenize(records[:1], tokenizer, data_config(target="reference"))
+    assert not as_reference.fallback.any()  # training on references: no line is a fallback
+
+
+def test_the_response_from_its_first_stop_token_on_is_structural(tokenizer):
+    eos = tokenizer.eos_token_id
+    records = [{"prompt": "hi", "response": "ab"},  # tokenized as "ab" + eos
+               {"prompt": "hi", "response": "ab", "response_ids": [40, eos, 10]},
+               {"prompt": "hi", "response": "ab", "response_ids": [40, 41]}]  # unfinished
+    examples, _ = data.tokenize(records, tokenizer, data_config(), stop_ids=[eos])
+    structural = [masked_targets_of(e, e.structural) for e in examples]
+    assert structural == [[eos], [eos, 10], []]
+    assert not data.tokenize(records, tokenizer, data_config())[0][0].structural.any()
+
+
+def masked_targets_of(example, mask):
+    return example.tokens[1:][mask[:-1]].tolist()
 
 
 def test_more_recorded_values_than_response_tokens_is_an_error_naming_both_lengths(tokenizer):

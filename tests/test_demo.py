@@ -1,4 +1,4 @@
-"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, five fine-tunes,
+"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, nine fine-tunes,
 evaluation, analysis, one table."""
 
 import json
@@ -19,12 +19,16 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
     assert set(table["results"]) == {"base", *demo.METHODS, "DASD gamma=1"}
     for name, scores in table["results"].items():
         assert 0 <= scores["demo_hard"] <= 1 and 0 <= scores["demo_easy"] <= 1, name
-    assert table["results"]["SFT"]["kept_ratio"] == 1.0
-    categories = table["categories"]["dasd"]  # the base is frozen: kept = aligned + correction
-    assert table["results"]["DASD"]["kept_ratio"] == pytest.approx(
-        categories["aligned"] + categories["correction"])
-    assert table["results"]["PPL filter"]["kept_ratio"] == pytest.approx(categories["aligned"])
+    results = table["results"]
+    assert results["SFT"]["kept_ratio"] == results["co-decoding"]["kept_ratio"] == 1.0
+    assert results["SFT"]["kept_high_ppl"] == table["high_ppl_10"]["references"]
+    # The same batches: random keeps as many tokens as DASD; the PPL filter a subset of them.
+    assert results["random"]["kept_ratio"] == pytest.approx(results["DASD"]["kept_ratio"])
+    assert results["PPL filter"]["kept_ratio"] <= results["DASD"]["kept_ratio"]
+    assert results["PPL filter"]["kept_high_ppl"] == 0.0
+    assert 0 <= results["DASD"]["demo_hard_unfinished"] <= 1
     assert set(table["high_ppl_10"]) == {"references", "sdft", "dasd"}
+    assert set(table["categories"]["dasd"]) == {"aligned", "correction", "drift", "structural"}
     assert set(table["seconds"]) == {"pretrain", "rewrite", "evaluate", "finetune", "analyze"}
     printed = capsys.readouterr().out
     assert "hard acc" in printed and "PPL filter" in printed

@@ -19,20 +19,24 @@ def inputs():
     return hidden, kernel, targets
 
 
-def naive_stats(hidden, kernel, targets):
+def naive_stats(hidden, kernel, targets, queries):
     logits = jnp.einsum("btd,dv->btv", hidden, kernel).astype(jnp.float32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     probs = jnp.exp(logprobs)
     return {"logprob": jnp.take_along_axis(logprobs, targets[..., None], -1)[..., 0],
-            "top1": jnp.max(probs, -1), "entropy": -jnp.sum(probs * logprobs, -1)}
+            "query_logprob": jnp.take_along_axis(logprobs, queries[..., None], -1)[..., 0],
+            "top1": jnp.max(probs, -1), "top1_logprob": jnp.max(logprobs, -1),
+            "argmax": jnp.argmax(logits, -1), "entropy": -jnp.sum(probs * logprobs, -1)}
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 16, 37, 0])
 def test_chunked_stats_equal_the_naive_computation(inputs, chunk):
-    got = losses.token_stats(*inputs, chunk=chunk, stats=losses.STATS)
-    expected = naive_stats(*inputs)
+    queries = jnp.roll(inputs[2], 3, axis=1)
+    got = losses.token_stats(*inputs, chunk=chunk, stats=losses.STATS, queries=queries)
+    expected = naive_stats(*inputs, queries)
     for name in losses.STATS:
         np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=1e-5)
+    assert got["argmax"].dtype == jnp.int32
 
 
 def test_chunked_masked_loss_has_the_naive_value_and_gradient(inputs):
@@ -43,7 +47,7 @@ def test_chunked_masked_loss_has_the_naive_value_and_gradient(inputs):
         if chunk:
             logprob = losses.token_stats(hidden, kernel, targets, chunk=chunk)["logprob"]
         else:
-            logprob = naive_stats(hidden, kernel, targets)["logprob"]
+            logprob = naive_stats(hidden, kernel, targets, targets)["logprob"]
         return losses.masked_cross_entropy(logprob, weights, jnp.sum(weights))
 
     value, grads = jax.value_and_grad(loss, argnums=(0, 1))(hidden, kernel, 8)

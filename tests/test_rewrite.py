@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dasd_jax import data, rewrite, sampling, sharding, stages, train
+from dasd_jax import data, model, rewrite, sampling, sharding, stages, train
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers
 from configs import math as math_config
@@ -41,6 +41,8 @@ def test_tiny_rewrite_runs_offline_and_its_output_trains_unchanged(tmp_path):
         assert line["source"] == "reference" and line["fallback_reason"] == "unfinished"
         assert line["response"] == line["reference"] and isinstance(line["rejected_rewrite"], str)
         assert len(line["ref_logprobs"]) == len(line["base_logprobs"]) == len(line["response_ids"])
+        assert len(line["ref_logprob_base_choice"]) == len(line["ref_top1"]) == len(
+            line["response_ids"])
     summary = json.loads((tmp_path / "rewrites.jsonl.summary.json").read_text())
     assert summary["records"] == 8 and summary["fallback_reasons"] == {"unfinished": 8}
 
@@ -75,6 +77,43 @@ def test_kept_rewrites_carry_the_decoder_signals_aligned_to_their_tokens(tmp_pat
         np.testing.assert_allclose(line["ref_logprobs"], ref, atol=1e-4)
         np.testing.assert_allclose(line["base_logprobs"], base, atol=1e-4)
         np.testing.assert_allclose(line["base_top1"], top1, atol=1e-4)
+        assert len(line["ref_logprob_base_choice"]) == len(line["response_ids"])
+
+
+def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path, monkeypatch):
+    monkeypatch.setattr(rewrite, "_judge", lambda *args: None)
+    config = tiny_config(tmp_path, mode="sdft", limit=4)
+    rewrite.rewrite(config)
+    cfg, params, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    for line in read_lines(tmp_path / "rewrites.jsonl"):
+        assert line["source"] == "rewrite" and line["n_candidates"] is None
+        base_prompt = data.prompt_tokens(line["prompt"], tokenizer, config.data)
+        reference_prompt = data.prompt_tokens(answers.REWRITE_TEMPLATES["synthetic"].format(
+            prompt=line["prompt"], reference=line["reference"]), tokenizer, config.data)
+        ids = line["response_ids"]
+        base = jax.nn.log_softmax(model.forward(cfg, params, np.asarray([base_prompt + ids]))[0])
+        ref = jax.nn.log_softmax(model.forward(cfg, params, np.asarray([reference_prompt + ids]))[0])
+        for t in range(len(ids)):
+            choice = int(np.argmax(base[len(base_prompt) - 1 + t]))
+            position = len(reference_prompt) - 1 + t
+            assert line["ref_logprob_base_choice"][t] == pytest.approx(
+                float(ref[position, choice]), abs=1e-4)
+            assert line["ref_top1"][t] == pytest.approx(float(ref[position].max()), abs=1e-4)
+
+
+def test_a_rewrite_file_from_before_the_veto_signals_still_trains(tmp_path):
+    rewrite.rewrite(tiny_config(tmp_path))
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in line.items()
+                                       if k not in ("ref_logprob_base_choice", "ref_top1")}) + "\n"
+                           for line in read_lines(tmp_path / "rewrites.jsonl")))
+    config = math_config.get_config("tiny")
+    config.workdir = str(tmp_path / "train")
+    config.data.update(path=str(old), target="response")
+    config.train.update(steps=3, warmup_steps=1, batch_size=8)
+    config.checkpoint.export = False
+    last = train.train(config)
+    assert np.isfinite(last["loss"]) and last["correction"] == 0.0  # no r: no correction
 
 
 def test_rerunning_skips_written_ids_and_repairs_a_cut_line(tmp_path):

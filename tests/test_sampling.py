@@ -134,6 +134,32 @@ def test_codecoding_records_the_signals_training_reads(qwen3):
         np.testing.assert_allclose(result.logprobs, ref_logprob, atol=1e-4)
         np.testing.assert_allclose(result.base_logprobs, base_logprob, atol=1e-4)
         np.testing.assert_allclose(result.base_top1, base_top1, atol=1e-4)
+        # The veto signals, teacher-forced as the rewrite computes them for sdft lines.
+        (base_stats,) = sampling.score_stats(cfg, params, [base], [result.tokens], ("argmax",))
+        (ref_stats,) = sampling.score_stats(cfg, params, [reference], [result.tokens],
+                                            ("top1_logprob", "query_logprob"),
+                                            queries=[base_stats["argmax"]])
+        np.testing.assert_allclose(result.ref_logprob_base_choice, ref_stats["query_logprob"],
+                                   atol=1e-4)
+        np.testing.assert_allclose(result.ref_top1, ref_stats["top1_logprob"], atol=1e-4)
+
+
+def test_the_veto_ratio_r_matches_a_hand_computation_from_both_contexts(qwen3):
+    """r_t = πref(v0_t) / max πref with v0_t = argmax π0, from two plain forwards."""
+    cfg, params = qwen3
+    forward = jax.jit(model.forward, static_argnums=0)
+    reference, base = prompts_for(0)[1], prompts_for(100)[1]
+    (result,) = sampling.codecode(cfg, params, [reference], [base],
+                                  sampling.Settings(max_new_tokens=8, alpha=0.2))
+    for t, _ in enumerate(result.tokens):
+        context = result.tokens[:t]
+        base_probs = jax.nn.softmax(forward(cfg, params, jnp.asarray([base + context]))[0, -1])
+        ref_probs = jax.nn.softmax(forward(cfg, params, jnp.asarray([reference + context]))[0, -1])
+        by_hand = float(ref_probs[int(jnp.argmax(base_probs))] / jnp.max(ref_probs))
+        recorded = float(np.exp(result.ref_logprob_base_choice[t] - result.ref_top1[t]))
+        assert recorded == pytest.approx(by_hand, rel=1e-3, abs=1e-6)
+        assert (by_hand < 0.2) == (int(jnp.argmax(base_probs)) != result.tokens[t]) or \
+            result.n_candidates[t] == 8  # r < alpha: the base's choice was not a candidate
 
 
 def test_decoding_on_a_mesh_shards_the_cache_and_changes_nothing(checkpoint_dir, qwen3):

@@ -13,8 +13,11 @@ NAN = float("nan")
 
 
 def config(**overrides):
+    """The hand-built cases below were written for the base_unsure test (m < gamma); the veto
+    test has its own cases (R)."""
     base = dict(rule="dasd", tau=0.1, tau_quantile=None, tau_min=0.01, tau_max=0.5, kappa=0.5,
-                gamma=0.5, confidence_model="base", rho1_keep=0.5, missing_ref="drop")
+                gamma=0.5, confidence_model="base", rho1_keep=0.5, missing_ref="drop",
+                correction_test="base_unsure", rho=0.1, fallback="rule", keep_structural=True)
     return ml_collections.ConfigDict({**base, **overrides})
 
 
@@ -134,7 +137,88 @@ def test_rules_are_jit_safe():
     ("missing_ref", "guess", "missing_ref must be 'drop' or 'keep'"),
     ("tau_min", 0.9, "tau_min <= --config.selection.tau_max"),
     ("rho1_keep", 0.0, "rho1_keep must lie in"),
+    ("correction_test", "gamma", "correction_test='gamma' is not one of veto"),
+    ("fallback", "keep", "fallback='keep' is not one of rule, ppl_filter, drop, all"),
 ])
 def test_bad_selection_settings_name_the_flag(field, value, message):
     with pytest.raises(UserError, match=message):
         selection.validate(config(**{field: value}))
+
+
+# The veto test: r = πref(v0) / max πref, v0 the base's own choice. On the response positions
+# 2..6: r = .05 (vetoed), .5 (the base's choice is acceptable), .05, .05, .05.
+R = jnp.array([[1.0, 1.0, 1.0, 0.05, 0.5, 0.05, 0.05, 1.0]])
+
+
+def veto_signals(r=R, **fields):
+    ref_top1 = jnp.log(jnp.full(R.shape, 0.9))
+    return signals()._replace(ref_logprob_base_choice=ref_top1 + jnp.log(r), ref_top1=ref_top1,
+                              **fields)
+
+
+def test_the_veto_test_keeps_a_high_ppl_token_where_the_reference_rules_out_the_base_choice():
+    # pos 3: b=.05, q=.9, r=.05 < rho: correction. 4: r=.5: the base's own choice was fine,
+    # drift (although m=.9 — confidently wrong is no obstacle, unlike base_unsure). 5: q=.1 drift.
+    groups = selection.categories(veto_signals(), config(correction_test="veto"))
+    assert as_list(groups["correction"]) == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert as_list(groups["drift"]) == [0, 0, 0, 0, 1, 1, 0, 0]
+    confidently_wrong = veto_signals(r=jnp.where(jnp.arange(8) == 4, 0.05, R))
+    kept = selection.select("dasd", confidently_wrong, config(correction_test="veto"))
+    assert as_list(kept) == [0, 0, 1, 1, 1, 0, 1, 0]  # pos 4: m=.9, yet vetoed: kept
+    assert as_list(selection.select("dasd", confidently_wrong, config())) == [0, 0, 1, 1, 0, 0, 1, 0]
+
+
+def test_rho_sets_how_firmly_the_reference_must_rule_the_base_choice_out():
+    kept = selection.select("dasd", veto_signals(), config(correction_test="veto", rho=0.6))
+    assert as_list(kept) == [0, 0, 1, 1, 1, 0, 1, 0]  # r=.5 < .6 now counts too
+
+
+def test_reference_confident_needs_q_alone():
+    kept = selection.select("dasd", veto_signals(), config(correction_test="reference_confident"))
+    assert as_list(kept) == [0, 0, 1, 1, 1, 0, 1, 0]
+
+
+def test_without_the_veto_signals_a_high_ppl_token_follows_missing_ref():
+    old_file = signals()  # q recorded, r not (a rewrite file from before the veto test)
+    dropped = selection.select("dasd", old_file, config(correction_test="veto"))
+    assert as_list(dropped) == [0, 0, 1, 0, 0, 0, 1, 0]
+    kept = selection.select("dasd", old_file, config(correction_test="veto", missing_ref="keep"))
+    assert as_list(kept) == [0, 0, 1, 1, 1, 1, 1, 0]
+
+
+FALLBACK = jnp.array([[0, 0, 1, 1, 1, 1, 1, 0]], bool)  # the whole line fell back
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("rule", [0, 0, 1, 1, 0, 0, 1, 0]), ("ppl_filter", [0, 0, 1, 0, 0, 0, 1, 0]),
+    ("drop", [0, 0, 0, 0, 0, 0, 0, 0]), ("all", [0, 0, 1, 1, 1, 1, 1, 0])])
+def test_fallback_lines_train_as_selection_fallback_says(mode, expected):
+    weights = selection.select("dasd", veto_signals(fallback=FALLBACK),
+                               config(correction_test="veto", fallback=mode))
+    assert as_list(weights) == expected
+    other_line = veto_signals(fallback=jnp.zeros_like(FALLBACK))
+    assert as_list(selection.select("dasd", other_line, config(correction_test="veto",
+                                                                fallback=mode))) == expected_rule
+
+
+expected_rule = [0, 0, 1, 1, 0, 0, 1, 0]
+STRUCTURAL = jnp.array([[0, 0, 0, 0, 0, 1, 1, 0]], bool)  # pos 5: the end-of-turn token, 6: "\n"
+
+
+@pytest.mark.parametrize("rule", ["dasd", "ppl_filter", "rho1", "random"])
+def test_every_selecting_rule_keeps_the_structural_tokens(rule):
+    sig = veto_signals(structural=STRUCTURAL)
+    weights = as_list(selection.select(rule, sig, config(correction_test="veto"),
+                                       jax.random.PRNGKey(0)))
+    assert weights[5] == weights[6] == 1.0
+    if rule in ("dasd", "ppl_filter"):
+        off = as_list(selection.select(rule, sig, config(correction_test="veto",
+                                                         keep_structural=False)))
+        assert off[5] == 0.0  # b=.03, q=.1: drift like any other token
+
+
+def test_structural_tokens_are_a_category_of_their_own():
+    groups = selection.categories(veto_signals(structural=STRUCTURAL), config(correction_test="veto"))
+    assert as_list(groups["structural"]) == [0, 0, 0, 0, 0, 1, 1, 0]
+    parts = sum(np.asarray(groups[c], int) for c in ("aligned", "correction", "drift", "structural"))
+    assert parts.tolist() == [np.asarray(MASK, int).tolist()[0]]

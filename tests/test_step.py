@@ -31,7 +31,11 @@ def make_batch(seed=0):
             "loss_mask": (position >= prompt) & (position < length - 1),
             "ref_logprob": ref.astype(np.float32),
             "base_logprob": np.full((BATCH, LENGTH), np.nan, np.float32),
-            "base_top1": np.full((BATCH, LENGTH), np.nan, np.float32)}
+            "base_top1": np.full((BATCH, LENGTH), np.nan, np.float32),
+            "ref_logprob_base_choice": (ref - rng.uniform(0, 3, (BATCH, LENGTH))).astype(np.float32),
+            "ref_top1": np.zeros((BATCH, LENGTH), np.float32),
+            "fallback": np.zeros((BATCH, LENGTH), bool),
+            "structural": (position == length - 2) & np.ones((BATCH, 1), bool)}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +92,10 @@ def test_every_rule_trains_and_reports_its_metrics(rule, initial_params):
     assert int(state.step) == 2 and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert 0 < metrics["kept_ratio"] <= 1
     if "base" in selection.needs(rule, make_config(rule).selection):
-        assert {"high_ppl_10", "high_ppl_100", "aligned", "correction", "drift"} <= set(metrics)
-        np.testing.assert_allclose(metrics["aligned"] + metrics["correction"] + metrics["drift"], 1,
-                                   rtol=1e-6)
+        categories = ("aligned", "correction", "drift", "structural")
+        assert {"high_ppl_10", "high_ppl_100", "kept_high_ppl", *categories} <= set(metrics)
+        np.testing.assert_allclose(sum(metrics[c] for c in categories), 1, rtol=1e-6)
+        assert metrics["structural"] > 0 and metrics["kept_ratio"] >= metrics["structural"]
 
 
 def test_sft_skips_the_base_forward(initial_params):
@@ -102,7 +107,7 @@ def test_sft_skips_the_base_forward(initial_params):
 def test_cached_base_confidence_is_read_from_the_batch(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("dasd", base_confidence="cached")
-    config.selection.tau_quantile = None
+    config.selection.update(tau_quantile=None, keep_structural=False)
     assert step.make_base_params(config, CFG, initial_params, mesh) is None
     batch = make_batch()
     confident = np.zeros_like(batch["base_logprob"])  # b = 1 everywhere: all aligned
@@ -115,7 +120,7 @@ def test_cached_base_confidence_is_read_from_the_batch(initial_params):
 def test_nothing_selected_gives_zero_loss_and_no_update(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("ppl_filter")
-    config.selection.update(tau_quantile=None, tau=1.0)
+    config.selection.update(tau_quantile=None, tau=1.0, keep_structural=False)
     state, history = run_steps(config, initial_params, mesh, steps=1)
     assert float(history[0]["loss"]) == 0.0 and float(history[0]["kept_ratio"]) == 0.0
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
