@@ -154,18 +154,11 @@ def generate_completions(config, cfg, params, tokenizer,
     """(completion texts, whether each ended with a stop token within eval.max_new_tokens)."""
     settings = _settings(config, cfg, tokenizer)
     ids = [data.prompt_tokens(text, tokenizer, config.data) for text in prompts]
-    completions, finished = [], []
-    size = config.eval.batch_size
-    rng = jax.random.PRNGKey(config.seed)
-    for start in range(0, len(ids), size):
-        batch = ids[start:start + size]
-        padded = batch + [batch[0]] * (size - len(batch))
-        for result in sampling.generate(cfg, params, padded, settings,
-                                        jax.random.fold_in(rng, start))[:len(batch)]:
-            tokens = [t for t in result.tokens if t not in settings.eos_ids]
-            completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
-            finished.append(result.finished)
-    return completions, finished
+    results = sampling.generate_all(cfg, params, ids, settings, config.eval.batch_size,
+                                    jax.random.PRNGKey(config.seed))
+    completions = [tokenizer.decode([t for t in r.tokens if t not in settings.eos_ids],
+                                    skip_special_tokens=True) for r in results]
+    return completions, [r.finished for r in results]
 
 
 def choice_logliks(config, cfg, params, tokenizer, items: list[dict]) -> list[list[tuple[float, int]]]:

@@ -249,34 +249,34 @@ def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for decoding; slot s of every row is one token.
+    """Keys and values of every layer for decoding. Row b's tokens sit at slots 0 ...
+    lengths[b] - 1 (slot = position), so rows may hold sequences of any length and a finished
+    row can be refilled with another prompt (continuous batching).
 
-    keys, values: [L, B, S, K, H]; valid: bool[B, S], slot holds a real (not padding) token;
-    index: int32[], the next slot to write (the same for every row: prompts are left-padded).
+    keys, values: [L, B, S, K, H]; lengths: int32[B], the slots filled in each row.
     """
 
     keys: Array
     values: Array
-    valid: Array
-    index: Array
+    lengths: Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache for `batch` rows of up to `length` tokens, in cfg.dtype."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
-                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+                   jnp.zeros((batch,), jnp.int32))
 
 
-def cache_mask(cfg: ModelConfig, valid: Array, index: Array, length: int) -> Array:
-    """bool[B, 1, T, S]: query i (slot index + i) sees valid key slots <= its own slot (and within
-    the sliding window). valid: bool[B, S] after writing the T new tokens."""
-    query_slots = index + jnp.arange(length)[:, None]
-    key_slots = jnp.arange(valid.shape[1])[None, :]
+def cache_mask(cfg: ModelConfig, lengths: Array, new: int, slots: int) -> Array:
+    """bool[B, 1, T, S]: new token t of row b (at slot lengths[b] + t) sees the slots up to its
+    own (within the sliding window). Slots past a row's length hold nothing it can see."""
+    query_slots = lengths[:, None, None] + jnp.arange(new)[None, :, None]
+    key_slots = jnp.arange(slots)[None, None, :]
     allowed = key_slots <= query_slots
     if cfg.sliding_window is not None:
         allowed &= query_slots - key_slots < cfg.sliding_window
-    return (allowed[None] & valid[:, None, :])[:, None]
+    return allowed[:, None]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -383,9 +383,14 @@ class SelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None, index=None,
-                 layer_cache: tuple[Array, Array] | None = None):
-        """Returns (output, updated (keys, values) of this layer or None without a cache)."""
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None,
+                 cache: tuple[Array, Array, Array] | None = None, layer: Array | None = None):
+        """Returns (output, the updated cache or None).
+
+        cache: (keys, values, lengths) of every layer ([L, B, S, K, H], int32[B]); this layer
+        (`layer`, int32[]) writes row b's T new keys and values at slots lengths[b] ...
+        lengths[b] + T - 1 in place (slots past S are dropped) and attends to its own slice.
+        """
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = _dense(cfg, (n, h), 1, cfg.qkv_bias, ("embed", "heads", "head_dim"),
@@ -400,17 +405,24 @@ class SelfAttention(nn.Module):
                           name="k_norm")(key)
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-        if layer_cache is None:
+        if cache is None:
             out = attention(cfg, q, key, value, mask)
         else:
-            cache_axes = ("act_batch", None, "act_kv_heads", None)
-            key, value = (nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(
-                cached, new.astype(cached.dtype), index, axis=1), cache_axes)
-                for cached, new in zip(layer_cache, (key, value)))
-            layer_cache = (key, value)
-            out = attention(cfg, q, key.astype(q.dtype), value.astype(q.dtype), mask, causal=False)
+            stacked_keys, stacked_values, lengths = cache
+            rows = jnp.arange(x.shape[0])[:, None]
+            slots = lengths[:, None] + jnp.arange(x.shape[1])[None, :]
+            stacked_keys, stacked_values = (
+                nn.with_logical_constraint(stacked.at[layer, rows, slots].set(
+                    new.astype(stacked.dtype), mode="drop"),
+                    (None, "act_batch", None, "act_kv_heads", None))
+                for stacked, new in zip((stacked_keys, stacked_values), (key, value)))
+            keys, values = (jax.lax.dynamic_index_in_dim(stacked, layer, 0, keepdims=False)
+                            for stacked in (stacked_keys, stacked_values))
+            out = attention(cfg, q, keys.astype(q.dtype), values.astype(q.dtype), mask,
+                            causal=False)
+            cache = (stacked_keys, stacked_values, lengths)
         return _dense(cfg, cfg.hidden_size, 2, cfg.out_bias, ("heads", "head_dim", "embed"),
-                      ("embed",), "o_proj")(out), layer_cache
+                      ("embed",), "o_proj")(out), cache
 
 
 class MLP(nn.Module):
@@ -432,18 +444,20 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None, index=None,
-                 layer_cache=None):
+    def __call__(self, carry, cos: Array, sin: Array, mask: Array | None,
+                 layer: Array | None = None):
+        """carry: (hidden [B, T, D], the stacked KV cache or None); returns (carry, None)."""
+        x, cache = carry
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         normed = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="input_layernorm")(x)
-        attended, layer_cache = SelfAttention(cfg, name="self_attn")(
-            normed, cos, sin, mask, index, layer_cache)
+        attended, cache = SelfAttention(cfg, name="self_attn")(
+            normed, cos, sin, mask, cache, layer)
         x = x + attended
         normed = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype,
                          name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(normed)
-        return x, layer_cache
+        return (x, cache), None
 
 
 _REMAT_POLICIES = {
@@ -460,7 +474,7 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
     return nn.scan(
         layer, variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "lora": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -489,18 +503,23 @@ class Decoder(nn.Module):
             )
         mask = None if segment_ids is None else segment_mask(segment_ids)
         cos, sin = rope_tables(self.cfg, positions)
-        x, _ = self.layers(self.embed_tokens(tokens), cos, sin, mask, None, None)
+        (x, _), _ = self.layers((self.embed_tokens(tokens), None), cos, sin, mask, None)
         return self.norm(x)
 
-    def cached(self, tokens, positions, token_valid, cache: KVCache):
-        """(hidden [B, T, D], cache) for T new tokens written at slots cache.index onward."""
+    def cached(self, tokens, cache: KVCache):
+        """(hidden [B, T, D], cache) for T new tokens of each row b, at positions (and slots)
+        lengths[b] ... lengths[b] + T - 1."""
         length = tokens.shape[1]
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, axis=1)
-        mask = cache_mask(self.cfg, valid, cache.index, length)
+        positions = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+        mask = cache_mask(self.cfg, cache.lengths, length, cache.keys.shape[2])
         cos, sin = rope_tables(self.cfg, positions)
-        x, (keys, values) = self.layers(self.embed_tokens(tokens), cos, sin, mask, cache.index,
-                                        (cache.keys, cache.values))
-        return self.norm(x), KVCache(keys, values, valid, cache.index + length)
+        # The cache rides in the scan's carry, so each layer updates its slots in place (as
+        # scanned inputs and outputs, the whole cache would be copied at every step).
+        layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (x, (keys, values, _)), _ = self.layers(
+            (self.embed_tokens(tokens), (cache.keys, cache.values, cache.lengths)), cos, sin,
+            mask, layers)
+        return self.norm(x), KVCache(keys, values, cache.lengths + length)
 
     def unembed(self, hidden):
         if self.cfg.tie_word_embeddings:
@@ -612,17 +631,23 @@ def output_embedding(cfg: ModelConfig, params: PyTree) -> Array:
     return params["lm_head"]["kernel"]
 
 
-def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array,
-                   token_valid: Array, cache: KVCache, *,
-                   lora: PyTree | None = None) -> tuple[Array, KVCache]:
-    """Logits dtype[B, T, V] of T new tokens attending to the cache, and the updated cache.
+def hidden_cached(cfg: ModelConfig, params: PyTree, tokens: Array, cache: KVCache, *,
+                  lora: PyTree | None = None) -> tuple[Array, KVCache]:
+    """Final-norm hidden states dtype[B, T, D] of T new tokens per row attending to the cache,
+    and the cache with them written: row b's at slots (= positions) cache.lengths[b] onward.
 
-    tokens, positions: int32[B, T]; token_valid: bool[B, T] (False for left padding, which no
-    later token attends to). The new keys and values go to slots cache.index ... + T - 1.
-    lora: as in `hidden_states`.
+    tokens: int32[B, T]. A right-padded prompt writes its padding too; set the rows' lengths
+    to the real lengths afterwards (`cache._replace(lengths=...)`) and later tokens overwrite
+    it. lora: as in `hidden_states`.
     """
-    hidden, cache = Decoder(cfg).apply(_variables(cfg, params, lora), tokens, positions,
-                                       token_valid, cache, method=Decoder.cached)
+    return Decoder(cfg).apply(_variables(cfg, params, lora), tokens, cache,
+                              method=Decoder.cached)
+
+
+def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, cache: KVCache, *,
+                   lora: PyTree | None = None) -> tuple[Array, KVCache]:
+    """Logits dtype[B, T, V] of T new tokens per row and the updated cache (`hidden_cached`)."""
+    hidden, cache = hidden_cached(cfg, params, tokens, cache, lora=lora)
     return unembed(cfg, params, hidden), cache
 
 

@@ -11,10 +11,12 @@ Each output line holds `id, prompt, reference, response, response_ids, source, r
 base_logprobs, base_top1, ref_logprob_base_choice, ref_top1, n_candidates`: per response token,
 log πref, log π0, max π0, log πref(v0) (v0 = argmax π0, what the base would have written) and
 log max πref (from co-decoding, or from teacher-forced passes), so training reads the file as it
-is, and may skip its base forward (`--config.train.base_confidence=cached`). Lines are appended a batch at a time
-and synced; re-running skips ids already written and repairs a line cut short by a crash. A
-sidecar `.meta.json` records the settings: a different config refuses to append. A summary JSON
-(`.summary.json`) holds the acceptance rate, fallback reasons, mean n_candidates and the
+is, and may skip its base forward (`--config.train.base_confidence=cached`). Decoding runs
+`rewrite.batch_size` records at a time with continuous batching (a finished record's rows take
+the next record at once); finished records are judged and appended a batch at a time, in the
+order they finish, and synced; re-running skips ids already written and repairs a line cut
+short by a crash. A sidecar `.meta.json` records the settings: a different config refuses to
+append. A summary JSON (`.summary.json`) holds the acceptance rate, fallback reasons, mean n_candidates and the
 high-PPL ratio of the kept responses.
 """
 
@@ -26,7 +28,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -170,22 +172,30 @@ def _judge(task: str, prompt: str, text: str, reference: str, finished: bool) ->
     return None
 
 
-def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tuple[list[dict], int]:
-    """(output records, tokens decoded) for `batch` (records with id, prompt, reference, and
-    their two tokenized prompts)."""
+def decoded_stream(config, cfg, params, tokenizer, records: list[dict],
+                   rng) -> Iterator[tuple[dict, sampling.Decoded]]:
+    """(record, its decoded rewrite) for every record (with its two tokenized prompts), as each
+    finishes: `rewrite.batch_size` at a time with continuous batching."""
     settings = settings_from(config, cfg, tokenizer)
-    rows = config.rewrite.batch_size
-    padded = batch + [batch[0]] * (rows - len(batch))  # a fixed batch shape: no recompiles
-    reference_prompts = [r["reference_prompt"] for r in padded]
-    base_prompts = [r["base_prompt"] for r in padded]
+    size = config.rewrite.batch_size
+    references = [r["reference_prompt"] for r in records]
     if config.rewrite.mode == "dasd":
-        decoded = sampling.codecode(cfg, params, reference_prompts, base_prompts, settings, rng)
+        stream = sampling.codecode_all(cfg, params, references,
+                                       [r["base_prompt"] for r in records], settings, size, rng)
     else:
-        decoded = sampling.generate(cfg, params, reference_prompts, settings, rng)
+        stream = sampling.decode_all(cfg, params, [[p] for p in references], settings, size,
+                                     "plain", rng)
+    for index, result in stream:
+        yield records[index], result
 
+
+def finish_lines(config, cfg, params, tokenizer, batch: list[tuple[dict, sampling.Decoded]]
+                 ) -> list[dict]:
+    """Output lines of decoded records: judged (kept, or fallen back to the reference) and
+    completed with the teacher-forced signals decoding did not record."""
+    eos = set(settings_from(config, cfg, tokenizer).eos_ids)
     out = []
-    eos = set(settings.eos_ids)
-    for record, result in zip(batch, decoded):
+    for record, result in batch:
         content = result.tokens[:-1] if result.tokens and result.tokens[-1] in eos else result.tokens
         text = tokenizer.decode(content, skip_special_tokens=True)
         reason = _judge(config.rewrite.task, record["prompt"], text, record["reference"],
@@ -201,8 +211,8 @@ def rewrite_batch(config, cfg, params, tokenizer, batch: list[dict], rng) -> tup
                         fallback_reason=reason, rejected_rewrite=text,
                         **{key: None for key in DECODED_SIGNALS})
         out.append(line)
-    teacher_forced_signals(config, cfg, params, out, batch)
-    return out, sum(len(result.tokens) for result in decoded[:len(batch)])
+    teacher_forced_signals(config, cfg, params, out, [record for record, _ in batch])
+    return out
 
 
 # record key -> sampling.Decoded field, for what decoding records itself
@@ -332,20 +342,28 @@ def rewrite(config: Any) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     tokens = kept = done = 0
     started = time.perf_counter()
-    size = config.rewrite.batch_size
+    finished: list[tuple[dict, sampling.Decoded]] = []
+
+    def flush():
+        nonlocal kept, done
+        lines = finish_lines(config, cfg, params, tokenizer, finished)
+        if primary:
+            output.append(lines)  # whole lines, synced: a crash loses only this batch
+        kept += sum(line["source"] == "rewrite" for line in lines)
+        done += len(lines)
+        progress.update(len(lines))
+        progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
+                             accepted=f"{kept / done:.2f}")
+        finished.clear()
+
     with sharding.activation_rules(mesh, config.mesh.rules):
-        for start in range(0, len(todo), size):
-            lines, decoded_tokens = rewrite_batch(config, cfg, params, tokenizer,
-                                                  todo[start:start + size],
-                                                  jax.random.fold_in(rng, start))
-            if primary:
-                output.append(lines)
-            tokens += decoded_tokens
-            kept += sum(line["source"] == "rewrite" for line in lines)
-            done += len(lines)
-            progress.update(len(lines))
-            progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):,.0f}",
-                                 accepted=f"{kept / done:.2f}")
+        for record, result in decoded_stream(config, cfg, params, tokenizer, todo, rng):
+            finished.append((record, result))
+            tokens += len(result.tokens)
+            if len(finished) == config.rewrite.batch_size:
+                flush()
+        if finished:
+            flush()
     progress.close()
     summary = summarize(output.records(), skipped, skipped_ids)
     if primary:

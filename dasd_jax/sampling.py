@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,49 +145,86 @@ _STEPS = {"plain": _plain_step, "codecode": _codecode_step}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _prefill(cfg: model.ModelConfig, params, tokens: Array, valid: Array, cache_length: int):
-    """Prompts int32[R, P] (left-padded; valid bool[R, P]) into a fresh cache of cache_length."""
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+def _prefill(cfg: model.ModelConfig, params, tokens: Array, lengths: Array, cache_length: int):
+    """Prompts int32[R, P] (right-padded, real lengths int32[R]) into a fresh cache of
+    cache_length slots: (the logits after each prompt's last token float32[R, V], cache). Only
+    that position is projected onto the vocabulary."""
     cache = model.init_cache(cfg, tokens.shape[0], cache_length)
-    logits, cache = model.forward_cached(cfg, params, tokens, positions, valid, cache)
-    return logits[:, -1], positions[:, -1] + 1, cache
+    hidden, cache = model.hidden_cached(cfg, params, tokens, cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.unembed(cfg, params, last).astype(jnp.float32)
+    return logits, cache._replace(lengths=lengths.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
-def _decode(cfg: model.ModelConfig, settings: Settings, step_kind: str, params, logits: Array,
-            cache: model.KVCache, positions: Array, rng: Array):
-    """The decode loop: tokens int32[B, N], finished bool[B], records [B, N], steps taken, and
-    the cache, returned so that the loop updates the donated prefill cache in place."""
-    step = functools.partial(_STEPS[step_kind], settings=settings)
-    rows = logits.shape[0]
-    examples = rows // (2 if step_kind == "codecode" else 1)
-    steps = settings.max_new_tokens
-    eos = jnp.asarray(settings.eos_ids or (-1,), jnp.int32)
+def _empty_outputs(step, logits: Array, examples: int, steps: int, rng: Array) -> dict:
     _, _, template = jax.eval_shape(step, logits, rng)
-    records = {name: jnp.zeros((examples, steps), spec.dtype) for name, spec in template.items()}
-    state = dict(i=jnp.zeros((), jnp.int32), logits=logits, cache=cache, positions=positions,
-                 done=jnp.zeros((examples,), bool), tokens=jnp.zeros((examples, steps), jnp.int32),
-                 records=records)
+    return {"tokens": jnp.zeros((examples, steps), jnp.int32),
+            "records": {name: jnp.zeros((examples, steps), spec.dtype)
+                        for name, spec in template.items()}}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _decode(cfg: model.ModelConfig, settings: Settings, step_kind: str, until_a_row_ends: bool,
+            params, state: dict, rng: Array) -> dict:
+    """Decodes until every example row is done, or (until_a_row_ends) until one more is.
+
+    state (donated, updated in place): logits float32[R, V] (the next-token logits of every
+    row), cache (R rows), count int32[E] (tokens each example emitted), done bool[E], tokens
+    int32[E, N] and records (float32 / int32 [E, N]) of the emitted tokens, step int32[] (for
+    the rng). E = R, or R / 2 for co-decoding (rows e and E + e are example e's two contexts).
+    An example is done after an end-of-sequence token or N = max_new_tokens tokens.
+    """
+    step = functools.partial(_STEPS[step_kind], settings=settings)
+    eos = jnp.asarray(settings.eos_ids or (-1,), jnp.int32)
+    examples = state["done"].shape[0]
+    rows = jnp.arange(examples)
+    pairs = 2 if step_kind == "codecode" else 1
+    done_at_start = jnp.sum(state["done"])
 
     def cond(state):
-        return (state["i"] < steps) & ~jnp.all(state["done"])
+        all_done = jnp.all(state["done"])
+        if until_a_row_ends:
+            return ~all_done & (jnp.sum(state["done"]) == done_at_start)
+        return ~all_done
 
     def body(state):
-        i = state["i"]
-        fed, emitted, picked = step(state["logits"], jax.random.fold_in(rng, i))
+        fed, emitted, picked = step(state["logits"], jax.random.fold_in(rng, state["step"]))
         live = ~state["done"]
-        tokens = state["tokens"].at[:, i].set(jnp.where(live, emitted, 0))
-        records = {name: state["records"][name].at[:, i].set(jnp.where(live, picked[name], 0))
+        write = jnp.where(live, state["count"], settings.max_new_tokens)  # dropped: past N
+        tokens = state["tokens"].at[rows, write].set(emitted, mode="drop")
+        records = {name: state["records"][name].at[rows, write].set(picked[name], mode="drop")
                    for name in picked}
-        done = state["done"] | jnp.isin(emitted, eos)
-        logits, cache = model.forward_cached(
-            cfg, params, fed[:, None], state["positions"][:, None], jnp.ones((rows, 1), bool),
-            state["cache"])
-        return dict(i=i + 1, logits=logits[:, 0], cache=cache, positions=state["positions"] + 1,
-                    done=done, tokens=tokens, records=records)
+        count = state["count"] + live
+        done = state["done"] | (live & jnp.isin(emitted, eos)) | (count >= settings.max_new_tokens)
+        # A done row still runs (the batch has one shape); its cache slot past its length is
+        # never read, and it stops growing so that it never writes past its slots.
+        cache = state["cache"]
+        frozen = jnp.tile(~live, pairs)
+        hidden, cache = model.hidden_cached(cfg, params, fed[:, None], cache)
+        cache = cache._replace(lengths=cache.lengths - frozen)
+        logits = model.unembed(cfg, params, hidden[:, 0]).astype(jnp.float32)
+        return dict(state, logits=logits, cache=cache, count=count, done=done, tokens=tokens,
+                    records=records, step=state["step"] + 1)
 
-    state = jax.lax.while_loop(cond, body, state)
-    return state["tokens"], state["done"], state["records"], state["i"], state["cache"]
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _refill(state: dict, rows: Array, pair_rows: Array, logits: Array,
+            cache: model.KVCache) -> dict:
+    """`state` with example rows `rows` (int32[k]) restarted on freshly prefilled prompts: their
+    cache rows `pair_rows` (int32[k * pairs]) take `cache`'s slots (the prompts) and lengths,
+    their logits `logits` [k * pairs, V]; count 0, not done, outputs cleared."""
+    old = state["cache"]
+    slots = cache.keys.shape[2]
+    keys = old.keys.at[:, pair_rows, :slots].set(cache.keys)
+    values = old.values.at[:, pair_rows, :slots].set(cache.values)
+    lengths = old.lengths.at[pair_rows].set(cache.lengths)
+    return dict(state, cache=model.KVCache(keys, values, lengths),
+                logits=state["logits"].at[pair_rows].set(logits),
+                count=state["count"].at[rows].set(0), done=state["done"].at[rows].set(False),
+                tokens=state["tokens"].at[rows].set(0),
+                records={k: v.at[rows].set(0) for k, v in state["records"].items()})
 
 
 # ----------------------------------------------------------------------------- host side
@@ -198,57 +235,146 @@ def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
                                 "(--config.rewrite.prompt_buckets / --config.eval.prompt_buckets)")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
-    """(tokens int32[R, length], valid bool[R, length]) with each prompt at the right end."""
+def right_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
+    """(tokens int32[R, length] with each prompt at the left, lengths int32[R])."""
     tokens = np.full((len(prompts), length), pad_id, np.int32)
-    valid = np.zeros((len(prompts), length), bool)
     for row, prompt in enumerate(prompts):
-        if prompt:
-            tokens[row, -len(prompt):] = prompt
-            valid[row, -len(prompt):] = True
-    return tokens, valid
+        tokens[row, :len(prompt)] = prompt
+    return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
-def _run(cfg, params, prompts, settings: Settings, rng, step_kind: str) -> list[Decoded]:
+def _check(cfg, prompts, settings: Settings) -> int:
+    """The cache length for `prompts`: their largest bucket + max_new_tokens."""
     if any(not prompt for prompt in prompts):
         raise UserError("cannot decode from an empty prompt")
     length = prompt_bucket(max(map(len, prompts)), settings.prompt_buckets)
     if length + settings.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt bucket {length} + max_new_tokens {settings.max_new_tokens} "
                         f"exceeds the model's window of {cfg.max_position_embeddings} positions")
-    tokens, valid = left_pad(prompts, length)
-    logits, positions, cache = _prefill(cfg, params, tokens, valid, length + settings.max_new_tokens)
-    *outputs, cache = _decode(cfg, settings, step_kind, params, logits, cache, positions, rng)
-    cache.keys.delete()
-    cache.values.delete()
-    out_tokens, done, records, steps = sharding.to_host(outputs)
-    results = []
-    for row in range(out_tokens.shape[0]):
-        emitted = out_tokens[row, :int(steps)]
-        stops = np.flatnonzero(np.isin(emitted, settings.eos_ids)) if settings.eos_ids else []
-        count = int(stops[0]) + 1 if len(stops) else len(emitted)
-        fields = {name: values[row, :count].tolist() for name, values in records.items()}
-        results.append(Decoded(tokens=emitted[:count].tolist(), finished=bool(done[row]),
-                               **fields))
-    return results
+    return length + settings.max_new_tokens
+
+
+def _prefilled(cfg, params, groups: list[list[list[int]]], settings: Settings):
+    """(logits, cache) of the prompts of `groups` (each a list of row prompts: 1, or the 2
+    contexts of co-decoding), rows ordered context-major (all first contexts, then all second),
+    in a cache of their largest bucket."""
+    rows = [group[part] for part in range(len(groups[0])) for group in groups]
+    bucket = prompt_bucket(max(map(len, rows)), settings.prompt_buckets)
+    tokens, lengths = right_pad(rows, bucket)
+    return _prefill(cfg, params, tokens, lengths, bucket)
+
+
+def _fresh_state(step_kind, settings, logits, cache, examples, rng) -> dict:
+    step = functools.partial(_STEPS[step_kind], settings=settings)
+    return dict(logits=logits, cache=cache, count=jnp.zeros((examples,), jnp.int32),
+                done=jnp.zeros((examples,), bool), step=jnp.zeros((), jnp.int32),
+                **_empty_outputs(step, logits, examples, settings.max_new_tokens, rng))
+
+
+def _results(state: dict, rows: Sequence[int], settings: Settings) -> list[Decoded]:
+    """The Decoded of example rows `rows` (host copies of their outputs only)."""
+    index = jnp.asarray(list(rows), jnp.int32)
+    tokens, count, done, records = sharding.to_host(
+        (state["tokens"][index], state["count"][index], state["done"][index],
+         {k: v[index] for k, v in state["records"].items()}))
+    eos = set(settings.eos_ids)
+    out = []
+    for i in range(len(index)):
+        emitted = tokens[i, :int(count[i])]
+        finished = bool(len(emitted)) and int(emitted[-1]) in eos
+        out.append(Decoded(tokens=emitted.tolist(), finished=finished,
+                           **{k: v[i, :int(count[i])].tolist() for k, v in records.items()}))
+    return out
+
+
+def decode_all(cfg: model.ModelConfig, params, examples: Sequence[list[list[int]]],
+               settings: Settings, batch_size: int, step_kind: str = "plain",
+               rng: Array | None = None) -> Iterator[tuple[int, Decoded]]:
+    """Continuous batching: (example index, Decoded) of every example, as each finishes.
+
+    examples: per example its row prompts (one, or co-decoding's reference and base contexts).
+    `batch_size` examples decode at once; whenever one ends (end-of-sequence token or
+    max_new_tokens), the next waiting example is prefilled into its rows, so the batch never
+    idles until its slowest row ends. Greedy outputs equal `generate`'s.
+    """
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    if not examples:
+        return
+    cache_length = _check(cfg, [p for group in examples for p in group], settings)
+    size, pairs = min(batch_size, len(examples)), len(examples[0])
+    state = _idle_state(cfg, step_kind, settings, size, pairs, cache_length, rng)
+    owner: dict[int, int] = {}  # example row -> the example it decodes
+    waiting, free = list(range(len(examples))), list(range(size))
+    while waiting or owner:
+        refill = free[:len(waiting)]
+        if refill:  # prefill waiting examples into the free rows (each prompt in its bucket)
+            chosen, waiting, free = waiting[:len(refill)], waiting[len(refill):], []
+            padded = _power_of_two(len(refill), size)
+            rows = refill + [refill[0]] * (padded - len(refill))
+            groups = [examples[i] for i in chosen] + [examples[chosen[0]]] * (padded - len(refill))
+            logits, cache = _prefilled(cfg, params, groups, settings)
+            pair_rows = [row + part * size for part in range(pairs) for row in rows]
+            state = _refill(state, jnp.asarray(rows, jnp.int32),
+                            jnp.asarray(pair_rows, jnp.int32), logits, cache)
+            owner.update(zip(refill, chosen))
+        state = _decode(cfg, settings, step_kind, bool(waiting), params, state, rng)
+        done = sharding.to_host(state["done"])
+        free = [row for row in owner if done[row]]
+        for row, result in zip(free, _results(state, free, settings)):
+            yield owner.pop(row), result
+
+
+def _idle_state(cfg, step_kind, settings, examples: int, pairs: int, cache_length: int,
+                rng) -> dict:
+    """A decode state of `examples` rows, all done (free), on an empty cache."""
+    logits = jnp.zeros((examples * pairs, cfg.vocab_size), jnp.float32)
+    cache = model.init_cache(cfg, examples * pairs, cache_length)
+    state = _fresh_state(step_kind, settings, logits, cache, examples, rng)
+    return dict(state, done=jnp.ones((examples,), bool))
+
+
+def _power_of_two(count: int, limit: int) -> int:
+    """The smallest power of two >= count, at most `limit` (bounds the prefill compiles)."""
+    return min(1 << (count - 1).bit_length(), limit)
+
+
+def generate_all(cfg: model.ModelConfig, params, prompts: Sequence[Sequence[int]],
+                 settings: Settings, batch_size: int, rng: Array | None = None) -> list[Decoded]:
+    """`generate` for any number of prompts, `batch_size` at a time with continuous batching
+    (`decode_all`); results in prompt order."""
+    out = [None] * len(prompts)
+    for index, result in decode_all(cfg, params, [[list(p)] for p in prompts], settings,
+                                    batch_size, "plain", rng):
+        out[index] = result
+    return out
 
 
 def generate(cfg: model.ModelConfig, params, prompts: Sequence[Sequence[int]],
              settings: Settings, rng: Array | None = None) -> list[Decoded]:
     """Decodes a continuation of each prompt (token id lists of any lengths) in one batch."""
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    return _run(cfg, params, [list(p) for p in prompts], settings, rng, "plain")
+    return generate_all(cfg, params, prompts, settings, len(prompts), rng)
+
+
+def codecode_all(cfg: model.ModelConfig, params, reference_prompts: Sequence[Sequence[int]],
+                 base_prompts: Sequence[Sequence[int]], settings: Settings, batch_size: int,
+                 rng: Array | None = None) -> Iterator[tuple[int, Decoded]]:
+    """Candidate co-decoding of every example with continuous batching: (index, Decoded) as
+    each finishes."""
+    if len(reference_prompts) != len(base_prompts):
+        raise ValueError("one base prompt per reference prompt")
+    examples = [[list(r), list(b)] for r, b in zip(reference_prompts, base_prompts)]
+    return decode_all(cfg, params, examples, settings, batch_size, "codecode", rng)
 
 
 def codecode(cfg: model.ModelConfig, params, reference_prompts: Sequence[Sequence[int]],
              base_prompts: Sequence[Sequence[int]], settings: Settings,
              rng: Array | None = None) -> list[Decoded]:
-    """Candidate co-decoding of each example from its reference and base contexts."""
-    if len(reference_prompts) != len(base_prompts):
-        raise ValueError("one base prompt per reference prompt")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    prompts = [list(p) for p in reference_prompts] + [list(p) for p in base_prompts]
-    return _run(cfg, params, prompts, settings, rng, "codecode")
+    """Candidate co-decoding of each example from its reference and base contexts, one batch."""
+    out = [None] * len(reference_prompts)
+    for index, result in codecode_all(cfg, params, reference_prompts, base_prompts, settings,
+                                      len(reference_prompts), rng):
+        out[index] = result
+    return out
 
 
 def score(cfg: model.ModelConfig, params, contexts: Sequence[Sequence[int]],

@@ -11,6 +11,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+# Eight simulated devices share two cores: on a loaded machine a device thread can reach a
+# collective long after the others, and XLA aborts the process after 40 s by default.
+if "collective_call_terminate_timeout" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+                                " --xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
 
 # Many tests (and the CLI processes they start) compile the same tiny programs: share compiled
 # executables through JAX's persistent cache, a fresh directory per test session. Subprocesses

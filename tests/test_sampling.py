@@ -181,3 +181,29 @@ def test_stop_ids_join_the_model_and_tokenizer_end_of_sequence_ids(qwen3):
     assert sampling.stop_ids(cfg, tokenizer) == (2, 7, 9)
     tokenizer.eos_token_id = 7
     assert sampling.stop_ids(cfg, tokenizer) == (2, 7)
+
+
+def test_continuous_batching_refills_finished_rows_and_changes_no_result(qwen3):
+    cfg, params = qwen3
+    prompts = prompts_for(0) + prompts_for(7) + prompts_for(31)  # 9 prompts of mixed lengths
+    free_running = sampling.generate(cfg, params, prompts, sampling.Settings(max_new_tokens=NEW))
+    # An end-of-sequence id that the rows emit at different steps (some never).
+    counts = {}
+    for result in free_running:
+        for step, token in enumerate(result.tokens[:NEW // 2]):
+            counts.setdefault(token, set()).add(step)
+    eos = max(counts, key=lambda token: len(counts[token]))
+    settings = sampling.Settings(max_new_tokens=NEW, eos_ids=(eos,))
+    alone = [sampling.generate(cfg, params, [p], settings)[0] for p in prompts]
+    assert len({len(r.tokens) for r in alone}) > 2  # rows really end at different times
+    together = sampling.generate_all(cfg, params, prompts, settings, batch_size=3)
+    for expected, result in zip(alone, together):
+        assert result.tokens == expected.tokens and result.finished == expected.finished
+        np.testing.assert_allclose(result.logprobs, expected.logprobs, atol=1e-5)
+    at_once = sampling.codecode(cfg, params, prompts, prompts[::-1], settings)
+    streamed = dict(sampling.codecode_all(cfg, params, prompts, prompts[::-1], settings,
+                                          batch_size=4))
+    assert sorted(streamed) == list(range(len(prompts)))
+    for index, expected in enumerate(at_once):
+        assert streamed[index].tokens == expected.tokens
+        assert streamed[index].n_candidates == expected.n_candidates

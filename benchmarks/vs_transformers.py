@@ -1,0 +1,245 @@
+"""dasd_jax against transformers + torch on one HF checkpoint, side by side in one run.
+
+    python -m dasd_jax.tools.smollm2                       # builds the default checkpoint once
+    python benchmarks/vs_transformers.py --checkpoint=~/.cache/dasd_jax/SmolLM2-135M-Instruct \
+        --gsm8k=../shared/data/gsm8k/test.jsonl [--out=vs_transformers.json]
+
+Both stacks get the same weights (float32), the same prompts (GSM8K test questions through the
+checkpoint's chat template) and the same threads. It measures
+
+* teacher-forced forward: batch 8 x 256 tokens, tokens/s;
+* greedy decode at each of --batches (default 1, 8, 32): --new_tokens new tokens (default 64)
+  after the same prompts, no early stop; tokens/s, and how many rows are token-for-token equal
+  (float32 rounding can flip a near-tie late in a sequence; the mean equal prefix is printed);
+* a rewrite-like workload: --workload questions (default 256) of mixed lengths, each decoded
+  until its end-of-turn token or --workload_tokens (default 256), each stack used the way it
+  would be for the job: dasd_jax's `sampling.generate_all` (continuous batching over a fixed
+  batch of --workload_batch rows), transformers' `generate` on padded batches of the same size;
+  total wall time;
+* the train step on a batch of 4 x 256 tokens (response = the last 3/4): dasd_jax's SFT step
+  (rule `all`) and DASD step (rule `dasd`, frozen base forward in the step), both AdamW, and a
+  torch AdamW step (forward, masked cross-entropy, backward, step) on the same batch; tokens/s.
+
+Each timing is the best of --repeats runs after a warm-up (compilation is excluded). Prints a
+table with the ratio dasd_jax / transformers (> 1: dasd_jax is faster) and writes the numbers
+as JSON to --out. Record them in benchmarks/RESULTS.md with the date, machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from dasd_jax import config_defaults, data, hf, model, sampling, sharding, step
+
+
+def best_of(repeats: int, run) -> float:
+    """Seconds of the fastest of `repeats` calls of run() (after one warm-up call)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def chat_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
+    settings = config_defaults.base_config().data
+    return [data.prompt_tokens(q, tokenizer, settings) for q in questions]
+
+
+def padded_left(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = torch.tensor(prompt)
+        mask[row, length - len(prompt):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def forward(args, cfg, params, torch_model, prompts) -> dict:
+    batch, length = 8, 256
+    tokens = np.asarray([(p * (length // len(p) + 1))[:length] for p in prompts[:batch]], np.int32)
+    jitted = jax.jit(model.forward, static_argnums=0)
+    ours = best_of(args.repeats, lambda: jitted(cfg, params, tokens).block_until_ready())
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        theirs = best_of(args.repeats, lambda: torch_model(ids).logits)
+    return {"work": f"teacher-forced forward {batch} x {length}", "dasd_jax": batch * length / ours,
+            "transformers": batch * length / theirs, "unit": "tokens/s"}
+
+
+def greedy(args, cfg, params, torch_model, tokenizer, prompts, batch: int) -> dict:
+    rows = prompts[:batch]
+    settings = sampling.Settings(max_new_tokens=args.new_tokens,
+                                 prompt_buckets=sampling.DEFAULT_PROMPT_BUCKETS)
+    ours = best_of(args.repeats, lambda: sampling.generate(cfg, params, rows, settings))
+    decoded = sampling.generate(cfg, params, rows, settings)
+    ids, mask = padded_left(rows, tokenizer.pad_token_id or 0)
+
+    def torch_generate():
+        with torch.no_grad():
+            return torch_model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                        min_new_tokens=args.new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+
+    theirs = best_of(args.repeats, torch_generate)
+    expected = torch_generate()[:, ids.shape[1]:].tolist()
+    prefixes = [next((i for i, (a, b) in enumerate(zip(r.tokens, e)) if a != b), len(e))
+                for r, e in zip(decoded, expected)]
+    tokens = batch * args.new_tokens
+    return {"work": f"greedy decode, batch {batch}, {args.new_tokens} new", "dasd_jax": tokens / ours,
+            "transformers": tokens / theirs, "unit": "tokens/s",
+            "equal_rows": f"{sum(p == args.new_tokens for p in prefixes)}/{batch}",
+            "mean_equal_prefix": float(np.mean(prefixes))}
+
+
+def workload(args, cfg, params, torch_model, tokenizer, prompts) -> dict:
+    questions = prompts[:args.workload]
+    stops = sampling.stop_ids(cfg, tokenizer)
+    settings = sampling.Settings(max_new_tokens=args.workload_tokens, eos_ids=stops,
+                                 prompt_buckets=sampling.DEFAULT_PROMPT_BUCKETS)
+    size = args.workload_batch
+    started = time.perf_counter()
+    ours = sampling.generate_all(cfg, params, questions, settings, batch_size=size)
+    ours_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    theirs_tokens = 0
+    for start in range(0, len(questions), size):
+        ids, mask = padded_left(questions[start:start + size], tokenizer.pad_token_id or 0)
+        with torch.no_grad():
+            out = torch_model.generate(ids, attention_mask=mask, do_sample=False,
+                                       max_new_tokens=args.workload_tokens, eos_token_id=list(stops),
+                                       pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            ended = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
+            theirs_tokens += ended + 1
+    theirs_seconds = time.perf_counter() - started
+    return {"work": f"rewrite-like: {len(questions)} questions, stop at EOS, <= "
+                    f"{args.workload_tokens} new, batch {size}",
+            "dasd_jax": ours_seconds, "transformers": theirs_seconds, "unit": "s (lower wins)",
+            "dasd_jax_tokens": sum(len(r.tokens) for r in ours), "transformers_tokens": theirs_tokens}
+
+
+def train_steps(args, cfg, params, torch_model, prompts) -> list[dict]:
+    batch, length = 4, 256
+    tokens = np.asarray([(p * (length // len(p) + 1))[:length] for p in prompts[:batch]], np.int32)
+    loss_mask = np.zeros((batch, length), bool)
+    loss_mask[:, length // 4:length - 1] = True
+    nan, no = np.full((batch, length), np.nan, np.float32), np.zeros((batch, length), bool)
+    host_batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": loss_mask,
+                  "fallback": no, "structural": no, "ref_logprob": nan, "base_logprob": nan,
+                  "base_top1": nan, "ref_logprob_base_choice": nan, "ref_top1": nan}
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    results = {}
+    for rule in ("all", "dasd"):
+        config = config_defaults.base_config()
+        config.model.update(compute_dtype="float32", param_dtype="float32")
+        config.train.update(steps=1000, warmup_steps=10, batch_size=batch, learning_rate=1e-5,
+                            base_dtype="float32")
+        config.selection.rule = rule
+        state = step.init_train_state(config, cfg, params, mesh)
+        base = step.make_base_params(config, cfg, params, mesh)
+        train_step = step.make_train_step(config, cfg, mesh)
+        placed = step.place_batch(host_batch, mesh)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = train_step(holder["state"], base, placed)
+            jax.block_until_ready(metrics)
+
+        results[rule] = best_of(args.repeats, run)
+        del holder
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    labels = torch.from_numpy(np.where(np.roll(loss_mask, 1, 1), tokens, -100).astype(np.int64))
+    torch_model.train()
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-5, betas=(0.9, 0.95))
+
+    def torch_step():
+        optimizer.zero_grad(set_to_none=True)
+        torch_model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+
+    theirs = best_of(args.repeats, torch_step)
+    torch_model.eval()
+    size = batch * length
+    return [{"work": f"train step SFT {batch} x {length}, AdamW", "dasd_jax": size / results["all"],
+             "transformers": size / theirs, "unit": "tokens/s"},
+            {"work": f"train step DASD {batch} x {length} (base forward in the step)",
+             "dasd_jax": size / results["dasd"], "transformers": size / theirs, "unit": "tokens/s",
+             "dasd_over_sft_time": results["dasd"] / results["all"]}]
+
+
+def ratio(row: dict) -> float:
+    """dasd_jax over transformers, > 1 when dasd_jax is faster."""
+    if row["unit"].startswith("s"):
+        return row["transformers"] / row["dasd_jax"]
+    return row["dasd_jax"] / row["transformers"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="~/.cache/dasd_jax/SmolLM2-135M-Instruct")
+    parser.add_argument("--gsm8k", default=str(Path(__file__).resolve().parents[2] / "shared" /
+                                               "data" / "gsm8k" / "test.jsonl"))
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--workload", type=int, default=256)
+    parser.add_argument("--workload_tokens", type=int, default=256)
+    parser.add_argument("--workload_batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip", default="", help="comma-separated: forward,decode,workload,train")
+    parser.add_argument("--out", default="vs_transformers.json")
+    args = parser.parse_args()
+    checkpoint = str(Path(args.checkpoint).expanduser())
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    cfg, params = hf.load(checkpoint, dtype=jnp.float32)
+    tokenizer = hf.load_tokenizer(checkpoint, cfg)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.float32).eval()
+    questions = [json.loads(line)["question"] for line in
+                 Path(args.gsm8k).expanduser().read_text().splitlines() if line.strip()]
+    prompts = chat_prompts(tokenizer, questions[:max(args.workload, 32)])
+    skip = set(filter(None, args.skip.split(",")))
+    rows = []
+    if "forward" not in skip:
+        rows.append(forward(args, cfg, params, torch_model, prompts))
+    if "decode" not in skip:
+        rows += [greedy(args, cfg, params, torch_model, tokenizer, prompts, int(b))
+                 for b in args.batches.split(",")]
+    if "workload" not in skip:
+        rows.append(workload(args, cfg, params, torch_model, tokenizer, prompts))
+    if "train" not in skip:
+        rows += train_steps(args, cfg, params, torch_model, prompts)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{threads} CPU threads, "
+              f"{platform.processor() or platform.machine()}", "jax": jax.__version__,
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "checkpoint": checkpoint, "rows": rows}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"| work | dasd_jax | transformers | ratio (> 1: dasd_jax faster) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        extra = "".join(f", {k} {v}" for k, v in row.items()
+                        if k in ("equal_rows", "mean_equal_prefix", "dasd_over_sft_time"))
+        print(f"| {row['work']}{extra} | {row['dasd_jax']:,.1f} | {row['transformers']:,.1f} "
+              f"{row['unit']} | {ratio(row):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

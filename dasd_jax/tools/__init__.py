@@ -1,0 +1,1 @@
+"""Command-line helpers that prepare inputs for the stages (e.g. a real checkpoint, offline)."""
