@@ -95,6 +95,27 @@ class Checkpointer:
                 "or start afresh in another --config.workdir") from None
         return restored["state"], restored["data"]
 
+    def restore_params(self, abstract_params, step: int | None = None):
+        """The TrainState's params of `step` (default latest) alone, each array straight into the
+        sharding of its `abstract_params` leaf (ShapeDtypeStruct with `.sharding`): the
+        optimizer state is never read, so evaluating an 8B run needs the memory of its params,
+        not of params and AdamW moments."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint to restore in {self.directory}")
+        item = {"params": abstract_params}
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True))
+        except (ValueError, KeyError) as error:
+            detail = " ".join(str(error).split())[:240]
+            raise UserError(
+                f"the params of step {step} in {self.directory} do not fit this model ({detail});"
+                " evaluate with the model and --config.lora settings the run trained with") from None
+        return restored["params"]
+
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is on disk."""
         self.manager.wait_until_finished()

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dasd_jax import atomic, checkpoint, data, hf, sampling, sharding, stages, step
+from dasd_jax import atomic, checkpoint, data, hf, lora, model, sampling, sharding, stages, step
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers, coding, commonsense, gsm8k, math500, synthetic
 
@@ -130,16 +130,38 @@ def load_checkpoint(config: Any, path: str, mesh):
         return stages.load_model(config, mesh)
     directory = Path(path).expanduser()
     if (directory / "checkpoints").is_dir():
-        cfg, params, tokenizer = stages.load_model(config, mesh)
-        base_params = (step.make_base_params(config, cfg, params, mesh)
-                       if step.uses_lora(config) else None)  # LoRA: the adapters' base
-        state = step.init_train_state(config, cfg, params, mesh)
-        restorer = checkpoint.Checkpointer(directory, every=1, max_to_keep=1)
-        state, _ = restorer.restore(state)
-        restorer.close()
-        return (*step.trained_model(config, cfg, state, base_params), tokenizer)
+        return trained_from_workdir(config, directory, mesh)
     cfg, params = hf.load(path, mesh=mesh, rules=config.mesh.rules)
     return cfg, params, hf.load_tokenizer(path, cfg)
+
+
+def trained_from_workdir(config: Any, directory: Path, mesh):
+    """(cfg, params, tokenizer) of the latest checkpoint of a training workdir, restoring the
+    trained params alone (never the optimizer state). Full fine-tuning: the trainee's params,
+    straight into their shardings, without loading `model.path`'s weights. LoRA: the adapters,
+    merged into `model.path`'s frozen weights."""
+    restorer = checkpoint.Checkpointer(directory, every=1, max_to_keep=1)
+    try:
+        if step.uses_lora(config):
+            cfg, params, tokenizer = stages.load_model(config, mesh)
+            base_params = step.make_base_params(config, cfg, params, mesh)
+            del params
+            trainee = step.trainee_config(config, cfg)
+            adapters = restorer.restore_params(_abstract(
+                model.lora_shapes(trainee), sharding.lora_shardings(trainee, mesh, config.mesh.rules)))
+            return model.adapters_off(trainee), lora.merge(trainee, base_params, adapters), tokenizer
+        cfg, tokenizer = stages.model_config_and_tokenizer(config)
+        trainee = step.trainee_config(config, cfg)
+        params = restorer.restore_params(_abstract(
+            model.param_shapes(trainee), sharding.param_shardings(trainee, mesh, config.mesh.rules)))
+        return trainee, params, tokenizer
+    finally:
+        restorer.close()
+
+
+def _abstract(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
 
 
 def _settings(config, cfg, tokenizer) -> sampling.Settings:

@@ -9,7 +9,7 @@ out. Each decode runs two compiled programs: prefill (the prompts into a fresh c
 decode loop (a `lax.while_loop` that stops when every row has emitted an end-of-sequence token
 or `max_new_tokens`), with the cache donated from one to the other.
 
-Co-decoding (DESIGN.md, stage 1, mode `dasd`): each example's two contexts, with the reference
+Co-decoding (docs/method.md, stage 1, mode `dasd`): each example's two contexts, with the reference
 (answer-aware, πref) and without it (the base, π0), sit in one batch as rows i and B + i on the
 same params. At every step the reference proposes C = {v : πref(v) ≥ α · max πref}, capped at its
 `top_k` most likely tokens; the emitted token, appended to both contexts, is the candidate the

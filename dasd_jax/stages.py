@@ -169,6 +169,17 @@ def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
     )
 
 
+def model_config_and_tokenizer(config: Any):
+    """(ModelConfig, tokenizer) of `model.path` (or the random model) without reading weights."""
+    cfg = model_config_only(config)
+    if not config.model.path:
+        return cfg, random_tokenizer(config)
+    try:
+        return cfg, hf.load_tokenizer(hf.resolve(config.model.path), cfg)
+    except CheckpointError as error:
+        raise CheckpointError(f"--config.model.path: {error}") from None
+
+
 def model_config_only(config: Any) -> model.ModelConfig:
     """The ModelConfig without reading any weights (for dry runs)."""
     if not config.model.path:

@@ -1,4 +1,4 @@
-"""The DASD training step, read top to bottom like DESIGN.md's method:
+"""The DASD training step, read top to bottom like the method (docs/method.md, stage 2):
 
 1. signals: the frozen base's confidence in every target (a bf16 forward under stop_gradient;
    read from the batch when `base_confidence="cached"`, skipped when the rule needs no base),

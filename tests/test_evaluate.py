@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from dasd_jax import evaluate, hf, perplexity
+from dasd_jax import evaluate, hf, perplexity, sharding
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import commonsense
 from configs import math as math_config
@@ -109,3 +112,45 @@ def test_several_completions_of_one_id_are_its_samples_and_the_output_says_so(tm
     printed = capsys.readouterr().out
     assert "2 ids have several completions: each id is one example" in printed
     assert "ids not in the data: 1" in printed
+
+
+def test_evaluating_a_workdir_restores_the_params_alone(tmp_path, monkeypatch):
+    from dasd_jax import step, train
+    config = tiny_config(tmp_path, tasks="synthetic", checkpoint=str(tmp_path), baseline="")
+    config.train.update(steps=3, warmup_steps=1, batch_size=8)
+    config.checkpoint.export = False
+    train.train(config)
+    saved = ocp.StandardCheckpointer().metadata(tmp_path / "checkpoints" / "3" / "state")
+    state_meta = jax.tree.leaves(saved.item_metadata.tree)
+
+    def no_training_state(*args, **kwargs):
+        raise AssertionError("evaluation built a TrainState")
+
+    monkeypatch.setattr(step, "init_train_state", no_training_state)
+    cfg, params, _ = evaluate.load_checkpoint(config, str(tmp_path), jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
+    restored = sum(x.size for x in jax.tree.leaves(params))
+    assert restored == cfg.num_params
+    assert sum(np.prod(m.shape) for m in state_meta) > 2.9 * restored  # params + AdamW moments
+
+
+def test_an_8b_workdir_is_evaluated_from_16_gib_of_bf16_params_without_reading_the_base(
+        tmp_path, monkeypatch):
+    """The memory plan of evaluating an 8B run (benchmarks/shapes/llama-3.1-8b): what is
+    restored is the params in their shardings, nothing else, and the base weights are never
+    loaded (the shape directory has none)."""
+    from dasd_jax import checkpoint
+    (tmp_path / "checkpoints").mkdir()
+    config = tiny_config(tmp_path, checkpoint=str(tmp_path), baseline="")
+    config.model.update(path=str(REPO / "benchmarks" / "shapes" / "llama-3.1-8b"),
+                        param_dtype="bfloat16")
+    asked = {}
+
+    def restore_params(self, abstract, step=None):
+        asked["bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+        return abstract
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore_params", restore_params)
+    monkeypatch.setattr(hf, "load_tokenizer", lambda *args: None)
+    cfg, _, _ = evaluate.load_checkpoint(config, str(tmp_path), sharding.make_mesh((1, -1, 1)))
+    assert cfg.num_params > 8.0e9 and asked["bytes"] == 2 * cfg.num_params  # 16 GB, bf16
