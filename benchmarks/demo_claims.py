@@ -2,7 +2,7 @@
 and a verdict on each of the paper's four claims.
 
     python benchmarks/demo_claims.py --seeds=0,1,2,3,4                  # CPU, ~16 min per seed
-    python benchmarks/demo_claims.py --seeds=0,1,2,3,4 --variant=demo_gpu
+    python benchmarks/demo_claims.py --seeds=0,1,2,3,4 --variant=gpu
 
 Each seed runs the whole `dasd_jax.demo` pipeline with `config.seed` set to it (a base pretrained
 from that seed and cached, its own fine-tuning problems, rewrites, fine-tunes and evaluations)
@@ -39,7 +39,6 @@ import sys
 from pathlib import Path
 
 from dasd_jax import demo
-from dasd_jax.config_defaults import apply_variants, base_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXTRA = {
@@ -53,10 +52,9 @@ METRICS = ("demo_hard", "demo_easy", "kept_ratio", "kept_high_ppl", "demo_hard_u
 
 
 def run_seed(seed: int, variant: str, workdir: Path) -> dict:
-    sys.path.insert(0, str(REPO))
-    from configs.math import get_config  # the repository's config file, not a package module
+    from configs.demo import get_config  # the repository's config file, not a package module
 
-    config = get_config(variant)
+    config = get_config(variant or None)
     config.seed = seed
     config.workdir = str(workdir / f"seed-{seed}")
     return demo.run(config, extra_methods=EXTRA)
@@ -206,7 +204,7 @@ def markdown(summary: dict, seeds: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--variant", default="demo", help="configs/math.py variant")
+    parser.add_argument("--variant", default="", help="configs/demo.py variant: '' | small | gpu")
     parser.add_argument("--workdir", default="/tmp/dasd_jax_demo_claims")
     parser.add_argument("--summarize_only", action="store_true",
                         help="read {workdir}/seed-*/demo_results.json of an earlier run")
@@ -214,7 +212,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if len(seeds) < 2:
         parser.error("--seeds needs at least two seeds for a standard deviation")
-    apply_variants(base_config(), args.variant)  # fails early on an unknown variant
+    sys.path.insert(0, str(REPO))
+    from configs.demo import get_config
+
+    get_config(args.variant)  # fails early on an unknown variant
     workdir = Path(args.workdir)
     if args.summarize_only:
         tables = [json.loads((workdir / f"seed-{seed}" / "demo_results.json").read_text())

@@ -50,7 +50,7 @@ case "${1:-bench}" in
   demo)  # the demo_gpu pipeline, at most 6.5 minutes
     log "start demo_gpu"
     cd "$ROOT" || exit 1
-    timeout 390 python -m dasd_jax.train --config=configs/math.py:demo_gpu \
+    timeout 390 python -m dasd_jax.demo --config=configs/demo.py:gpu \
       --config.workdir=/tmp/dasd_jax_demo_gpu >>"$OUT/log.txt" 2>&1
     log "end demo_gpu: exit $?"
     if [ -f /tmp/dasd_jax_demo_gpu/demo_results.json ]; then

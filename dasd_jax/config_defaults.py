@@ -182,18 +182,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.analyze.limit = 0  # records per source (0 = all)
     config.analyze.examples = 20  # records per source shown in tokens.html
 
-    config.demo = ml_collections.ConfigDict()
-    config.demo.enabled = False  # `:demo`: train.py runs the whole embedded pipeline (demo.py)
-    config.demo.cache_dir = "~/.cache/dasd_jax/demo"  # pretrained bases, keyed by their settings
-    config.demo.pretrain_examples = 64000
-    config.demo.pretrain_steps = 4000
-    config.demo.pretrain_batch_size = 16
-    config.demo.pretrain_learning_rate = 5e-3
-    config.demo.finetune_examples = 1024
-    config.demo.finetune_steps = 600
-    config.demo.finetune_learning_rate = 1e-3
-    config.demo.eval_examples = 100
-
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100
     config.checkpoint.max_to_keep = 3
@@ -252,52 +240,6 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.checkpoint.export_dtype = "float32"
 
 
-def demo(config: ml_collections.ConfigDict) -> None:
-    """The embedded demo (dasd_jax/demo.py): pretrain a base in the generated world, rewrite,
-    fine-tune five ways, evaluate, analyze. Offline; minutes on 2 CPU cores."""
-    tiny(config)
-    config.workdir = "/tmp/dasd_jax_demo"
-    config.demo.enabled = True
-    config.model.random.update(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
-                               num_kv_heads=4, head_dim=32)
-    config.model.random_tokenizer = "demo_world"
-    config.data.max_seq_len = 96  # an answer-aware prompt + solution is at most ~91 tokens
-    config.data.buckets = (32, 64, 96)
-    config.data.group_by_length = 8  # plain and answer-aware examples differ 3x in length
-    config.train.batch_size = 16
-    config.rewrite.update(batch_size=64, max_new_tokens=32, prompt_buckets=(32, 96))
-    config.eval.update(batch_size=50, prompt_buckets=(32, 96))
-    config.checkpoint.update(every=1000, max_to_keep=1)
-    config.selection.update(tau_quantile=None, tau=0.1, tau_min=0.01)  # the real DASD rule
-
-
-def demo_small(config: ml_collections.ConfigDict) -> None:
-    """The demo pipeline at a test's size: every stage runs, nothing is learned."""
-    demo(config)
-    config.demo.update(pretrain_examples=256, pretrain_steps=10, finetune_examples=16,
-                       finetune_steps=4, eval_examples=4)
-    config.rewrite.update(batch_size=8, max_new_tokens=8)
-    config.eval.update(batch_size=4, max_new_tokens=8)
-    config.train.batch_size = 8
-
-
-def demo_gpu(config: ml_collections.ConfigDict) -> None:
-    """The demo pipeline sized for one lent GPU for a few minutes: a 27M-parameter base (8 layers,
-    d512), 4x the pretraining tokens, 2x the fine-tuning problems, 5x the evaluation problems."""
-    demo(config)
-    config.workdir = "/tmp/dasd_jax_demo_gpu"
-    config.model.random.update(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
-                               num_kv_heads=8, head_dim=64)
-    config.model.compute_dtype = "bfloat16"
-    config.train.base_dtype = "bfloat16"
-    config.train.batch_size = 64
-    config.demo.update(pretrain_examples=256_000, pretrain_steps=4000, pretrain_batch_size=64,
-                       pretrain_learning_rate=1e-3, finetune_examples=2048, finetune_steps=400,
-                       finetune_learning_rate=3e-4, eval_examples=500)
-    config.rewrite.update(batch_size=256)
-    config.eval.update(batch_size=250)
-
-
 def sft(config: ml_collections.ConfigDict) -> None:
     """Plain SFT on the reference answers: rule `all`, target `reference`."""
     config.selection.rule = "all"
@@ -310,13 +252,15 @@ def sdft(config: ml_collections.ConfigDict) -> None:
     config.data.target = "response"
 
 
-VARIANTS = {"tiny": tiny, "demo": demo, "demo_small": demo_small, "demo_gpu": demo_gpu, "sft": sft,
-            "sdft": sdft}
+VARIANTS = {"tiny": tiny, "sft": sft, "sdft": sdft}
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Applies the comma-separated variants in `arg` (e.g. "tiny,sft") in order."""
     for name in filter(None, (arg or "").split(",")):
+        if name.startswith("demo"):
+            raise UserError("the embedded demo has its own entry point and config: python -m "
+                            "dasd_jax.demo --config=configs/demo.py (variants :small, :gpu)")
         if name not in VARIANTS:
             raise UserError(f"unknown config variant {name!r}; choose from {', '.join(VARIANTS)}")
         VARIANTS[name](config)

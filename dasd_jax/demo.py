@@ -1,4 +1,4 @@
-"""The embedded demo: `python -m dasd_jax.train --config=configs/math.py:demo`.
+"""The embedded demo: `python -m dasd_jax.demo --config=configs/demo.py[:small|:gpu]`.
 
 The whole DASD pipeline, offline, in the generated arithmetic world of `tasks.synthetic`:
 
@@ -182,6 +182,13 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     return table
 
 
+def main(config: Any) -> None:
+    started = time.time()
+    run(config)
+    if jax.process_index() == 0:
+        print(f"done in {time.time() - started:.0f} s; workdir {config.workdir}")
+
+
 def _scores(summary: dict) -> dict[str, float]:
     """Accuracy per task, and the share of unfinished completions ("{task}_unfinished")."""
     scores = {task: s["accuracy"] for task, s in summary["tasks"].items()}
@@ -215,3 +222,7 @@ def format_table(table: dict) -> str:
         f"{k} {v:.1%}" for k, v in table["rewrite_acceptance"].items()))
     rows.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table["seconds"].items()))
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    stages.run(main)

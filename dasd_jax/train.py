@@ -359,12 +359,7 @@ def export(config: Any, trainee: model.ModelConfig, state: step.TrainState, base
 
 def main(config: Any) -> None:
     started = time.time()
-    if config.demo.enabled:
-        from dasd_jax import demo
-
-        demo.run(config)
-    else:
-        train(config)
+    train(config)
     if jax.process_index() == 0 and not config.dry_run:
         print(f"done in {time.time() - started:.0f} s; workdir {config.workdir}")
 

@@ -6,11 +6,11 @@ import json
 import pytest
 
 from dasd_jax import demo, stages
-from configs import math as math_config
+from configs import demo as demo_config
 
 
 def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsys):
-    config = math_config.get_config("demo_small")
+    config = demo_config.get_config("small")
     config.workdir = str(tmp_path / "run")
     config.demo.cache_dir = str(tmp_path / "cache")
     ablation = {"DASD gamma=1": ("dasd", "rewrites_dasd.jsonl", "response", {"gamma": 1.0})}
@@ -43,8 +43,16 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
 
 
 def test_the_gpu_variant_runs_the_same_pipeline_on_a_larger_base():
-    config = math_config.get_config("demo_gpu")
+    config = demo_config.get_config("gpu")
     cfg = stages.model_config_only(config)
-    assert config.demo.enabled and config.model.random_tokenizer == "demo_world"
+    assert config.model.random_tokenizer == "demo_world"
     assert cfg.num_layers == 8 and cfg.num_params > 20 * stages.model_config_only(
-        math_config.get_config("demo")).num_params
+        demo_config.get_config()).num_params
+
+
+def test_the_demo_is_its_own_command_and_no_task_config_carries_it(capsys):
+    from configs import math as math_config
+    from dasd_jax.errors import UserError
+    assert "demo" not in math_config.get_config() and "demo" in demo_config.get_config()
+    with pytest.raises(UserError, match=r"python -m dasd_jax.demo --config=configs/demo.py"):
+        math_config.get_config("demo")
