@@ -43,10 +43,10 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
                         base_dtype=args.base_dtype)
     config.selection.rule = rule
     config.lora.rank = args.lora_rank
-    state = step.init_train_state(config, cfg, params, mesh)
-    base = step.make_base_params(config, cfg, params, mesh)
-    train_step = step.make_train_step(config, cfg, mesh)
-    batch = step.place_batch(make_batch(cfg, args.batch, args.seq_len), mesh)
+    run = step.setup(config, cfg, mesh)
+    state, base = run.init_state(params), run.base_params(params)
+    train_step = run.train_step
+    batch = run.place(make_batch(cfg, args.batch, args.seq_len))
 
     start = time.perf_counter()
     state, out = train_step(state, base, batch)
@@ -58,11 +58,8 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / args.steps
 
-    trainee = step.trainee_config(config, cfg)
-    flops = metrics.step_flops(trainee, args.batch, args.seq_len,
-                               base_forward=step.uses_base_model(config),
-                               weight_grads=not args.lora_rank)
-    peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, trainee.dtype)
+    flops = run.flops(args.batch, args.seq_len)  # the trainer's own count, MFU alike
+    peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, run.trainee.dtype)
     tokens = args.batch * args.seq_len
     return {
         "rule": rule, "shape": args.shape, "params": cfg.num_params, "batch": args.batch,

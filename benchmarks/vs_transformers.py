@@ -153,17 +153,15 @@ def train_steps(args, cfg, params, torch_model, prompts) -> list[dict]:
         config.train.update(steps=1000, warmup_steps=10, batch_size=batch, learning_rate=1e-5,
                             base_dtype="float32")
         config.selection.rule = rule
-        state = step.init_train_state(config, cfg, params, mesh)
-        base = step.make_base_params(config, cfg, params, mesh)
-        train_step = step.make_train_step(config, cfg, mesh)
-        placed = step.place_batch(host_batch, mesh)
-        holder = {"state": state}
+        run = step.setup(config, cfg, mesh)
+        base, placed = run.base_params(params), run.place(host_batch)
+        holder = {"state": run.init_state(params)}
 
-        def run():
-            holder["state"], metrics = train_step(holder["state"], base, placed)
+        def train_once():
+            holder["state"], metrics = run.train_step(holder["state"], base, placed)
             jax.block_until_ready(metrics)
 
-        results[rule] = best_of(args.repeats, run)
+        results[rule] = best_of(args.repeats, train_once)
         del holder
     ids = torch.from_numpy(tokens.astype(np.int64))
     labels = torch.from_numpy(np.where(np.roll(loss_mask, 1, 1), tokens, -100).astype(np.int64))

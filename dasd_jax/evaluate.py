@@ -144,17 +144,18 @@ def trained_from_workdir(config: Any, directory: Path, mesh):
     try:
         if step.uses_lora(config):
             cfg, params, tokenizer = stages.load_model(config, mesh)
-            base_params = step.make_base_params(config, cfg, params, mesh)
+            run = step.setup(config, cfg, mesh)
+            base_params = run.base_params(params)
             del params
-            trainee = step.trainee_config(config, cfg)
-            adapters = restorer.restore_params(_abstract(
-                model.lora_shapes(trainee), sharding.lora_shardings(trainee, mesh, config.mesh.rules)))
-            return model.adapters_off(trainee), lora.merge(trainee, base_params, adapters), tokenizer
+            adapters = restorer.restore_params(_abstract(run.trainable_shapes(),
+                                                         run.state_shardings.params))
+            return (model.adapters_off(run.trainee), lora.merge(run.trainee, base_params, adapters),
+                    tokenizer)
         cfg, tokenizer = stages.model_config_and_tokenizer(config)
-        trainee = step.trainee_config(config, cfg)
-        params = restorer.restore_params(_abstract(
-            model.param_shapes(trainee), sharding.param_shardings(trainee, mesh, config.mesh.rules)))
-        return trainee, params, tokenizer
+        run = step.setup(config, cfg, mesh)
+        params = restorer.restore_params(_abstract(run.trainable_shapes(),
+                                                   run.state_shardings.params))
+        return run.trainee, params, tokenizer
     finally:
         restorer.close()
 

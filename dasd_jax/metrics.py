@@ -268,6 +268,35 @@ class Throughput:
         return rates
 
 
+class LogWindow:
+    """The steps since the last log line: their metrics summed on device, their tokens and
+    FLOPs counted on the host, and the throughput over them (compilation left out: the first
+    step of a run only starts the clock)."""
+
+    def __init__(self, throughput: Throughput, flops: Callable[[int, int], float]):
+        self.throughput, self.flops = throughput, flops
+        self.total, self.steps, self.timed_steps, self.tokens, self.step_flops = None, 0, 0, 0, 0.0
+
+    def add(self, step_metrics: Mapping[str, Any], batch_shape: tuple[int, int], *,
+            first_of_run: bool, state=None) -> None:
+        self.total = dict(step_metrics) if self.total is None else add(self.total, step_metrics)
+        self.steps += 1
+        if first_of_run:
+            jax.block_until_ready(state)
+            self.throughput.reset()
+            return
+        self.timed_steps += 1
+        self.tokens += batch_shape[0] * batch_shape[1]
+        self.step_flops += self.flops(*batch_shape)
+
+    def close(self, last_step: Mapping[str, Any]) -> dict[str, float]:
+        """The window's means (`window_mean`) and rates; starts the next window."""
+        logged = window_mean(fetch_numbers(self.total), self.steps, fetch_numbers(last_step))
+        logged.update(self.throughput.measure(self.timed_steps, self.tokens, self.step_flops))
+        self.total, self.steps, self.timed_steps, self.tokens, self.step_flops = None, 0, 0, 0, 0.0
+        return logged
+
+
 # ----------------------------------------------------------------------------- console output
 
 

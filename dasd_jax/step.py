@@ -18,6 +18,8 @@ of the model exists.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -27,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dasd_jax import lora, losses, model, selection, sharding
+from dasd_jax.metrics import step_flops
 from dasd_jax.errors import UserError
 
 Array = jax.Array
@@ -109,87 +112,6 @@ def uses_base_model(config: Any) -> bool:
 def needs_base_params(config: Any) -> bool:
     """Whether the step takes frozen weights: for the base forward, or as LoRA's base."""
     return uses_lora(config) or uses_base_model(config)
-
-
-def trainable_shapes(config: Any, cfg: model.ModelConfig) -> PyTree:
-    """ShapeDtypeStructs of TrainState.params: every param, or with LoRA the adapters."""
-    cfg = trainee_config(config, cfg)
-    return model.lora_shapes(cfg) if uses_lora(config) else model.param_shapes(cfg)
-
-
-def state_shardings(config: Any, cfg: model.ModelConfig, mesh) -> TrainState:
-    """NamedSharding of every TrainState leaf: params (or adapters) by logical axes, optimizer
-    moments like their params, scalars replicated."""
-    rules = config.mesh.rules
-    if uses_lora(config):
-        params = sharding.lora_shardings(trainee_config(config, cfg), mesh, rules)
-    else:
-        params = sharding.param_shardings(cfg, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(make_optimizer(config.train).init, trainable_shapes(config, cfg))
-    opt_state = optax.tree_map_params(
-        make_optimizer(config.train), lambda _, s: s, opt_shapes, params,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
-    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
-
-
-def init_train_state(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) -> TrainState:
-    """A step-0 TrainState around `params` (cast to `config.model.param_dtype`), on `mesh`.
-
-    With LoRA the state holds fresh adapters instead (seeded by `config.seed`; B = 0, so the
-    trainee starts as the base) and `params` is not used: it is the frozen base that
-    `make_base_params` passes to the step.
-    """
-    cfg = trainee_config(config, cfg)
-    shardings = state_shardings(config, cfg, mesh)
-    tx = make_optimizer(config.train)
-
-    def build(params):
-        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.PRNGKey(config.seed))
-
-    def build_adapters(key):
-        adapters = model.init_lora(cfg, key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
-                          opt_state=tx.init(adapters), rng=jax.random.PRNGKey(config.seed))
-
-    if uses_lora(config):
-        _, adapter_key = jax.random.split(jax.random.PRNGKey(config.seed))
-        return jax.jit(build_adapters, out_shardings=shardings)(adapter_key)
-    return jax.jit(build, out_shardings=shardings)(params)
-
-
-def make_base_params(config: Any, cfg: model.ModelConfig, params: PyTree, mesh) -> PyTree | None:
-    """The frozen weights the step reads, or None when it needs none.
-
-    Full fine-tuning: a `train.base_dtype` copy of the initial params for the base forward.
-    LoRA: `params` themselves in `model.param_dtype`, the trainee's base and the base model at
-    once; arrays already in that dtype and sharding are passed on, not copied.
-    """
-    if not needs_base_params(config):
-        return None
-    base_cfg = base_config(config, cfg)
-    shardings = sharding.param_shardings(base_cfg, mesh, config.mesh.rules)
-    if uses_lora(config):
-        dtype = base_cfg.param_dtype
-        return jax.tree.map(
-            lambda x, s: jax.device_put(x if x.dtype == dtype else x.astype(dtype), s),
-            params, shardings)
-    cast = lambda p: jax.tree.map(lambda x: x.astype(base_cfg.param_dtype), p)  # noqa: E731
-    return jax.jit(cast, out_shardings=shardings)(params)
-
-
-def trained_model(config: Any, cfg: model.ModelConfig, state: TrainState,
-                  base_params: PyTree | None) -> tuple[model.ModelConfig, PyTree]:
-    """(cfg, params) of the trained model as a plain one: with LoRA the adapters merged into
-    the frozen base (one new array per targeted kernel), otherwise the state's params."""
-    trainee = trainee_config(config, cfg)
-    if uses_lora(config):
-        return model.adapters_off(trainee), lora.merge(trainee, base_params, state.params)
-    return trainee, state.params
 
 
 # ----------------------------------------------------------------------------- the step
@@ -295,23 +217,197 @@ def with_rho(config: Any, alpha: float | None = None) -> Any:
     return config
 
 
-def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
-    """`train_step(state, base_params, batch) -> (state, metrics)`, jitted on `mesh`.
+# ----------------------------------------------------------------------------- the set-up
 
-    batch: dict of [B, T] arrays (`data.Batches` output, the keys of BATCH_KEYS); base_params:
-    `make_base_params(...)` (None when unused). The state is donated. metrics: float32 scalars
-    (loss, response_nll, kept_ratio, high_ppl_10/100, aligned / correction / drift /
-    structural fractions, kept_high_ppl (kept tokens with b < tau), tau, grad_norm, learning_rate, response_tokens, and nonfinite: 1 when
-    the loss or gradient was not finite, in which case the update was skipped).
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSetup:
+    """Everything a run's step needs, built once by `setup` (the trainer, evaluation, the
+    benchmarks and the tests all take it from there): the configs, the optimizer and schedule,
+    every sharding, the jitted train and eval steps, the FLOPs of a step.
+
+    config: the run's config with selection.rho resolved; trainee / base: the ModelConfigs of
+    the trained model and of the frozen base forward.
     """
+
+    config: Any
+    trainee: model.ModelConfig
+    base: model.ModelConfig
+    mesh: Any
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    base_shardings: PyTree | None
+    batch_shardings: dict
+
+    @property
+    def lora(self) -> bool:
+        return uses_lora(self.config)
+
+    @property
+    def base_forward(self) -> bool:
+        """Whether the step runs the frozen base forward."""
+        return uses_base_model(self.config)
+
+    @property
+    def trainee_forward(self) -> bool:
+        """Whether the rule needs an extra trainee forward without gradient (rho1, dft)."""
+        return "trainee" in selection.needs(self.config.selection.rule, self.config.selection)
+
+    def trainable_shapes(self) -> PyTree:
+        """ShapeDtypeStructs of TrainState.params: every param, or with LoRA the adapters."""
+        return model.lora_shapes(self.trainee) if self.lora else model.param_shapes(self.trainee)
+
+    def init_state(self, params: PyTree) -> TrainState:
+        """A step-0 TrainState around `params` (cast to `config.model.param_dtype`).
+
+        With LoRA the state holds fresh adapters instead (seeded by `config.seed`; B = 0, so
+        the trainee starts as the base) and `params` is not used: it is the frozen base that
+        `base_params` passes to the step.
+        """
+        seed, tx = self.config.seed, self.optimizer
+
+        def build(trainable):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                              opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
+
+        if self.lora:
+            _, adapter_key = jax.random.split(jax.random.PRNGKey(seed))
+            return jax.jit(lambda key: build(model.init_lora(self.trainee, key)),
+                           out_shardings=self.state_shardings)(adapter_key)
+        dtype = self.trainee.param_dtype
+        return jax.jit(lambda p: build(jax.tree.map(lambda x: x.astype(dtype), p)),
+                       out_shardings=self.state_shardings)(params)
+
+    def base_params(self, params: PyTree) -> PyTree | None:
+        """The frozen weights the step reads, or None when it needs none.
+
+        Full fine-tuning: a `train.base_dtype` copy of the initial params for the base forward.
+        LoRA: `params` themselves in `model.param_dtype`, the trainee's base and the base model
+        at once; arrays already in that dtype and sharding are passed on, not copied.
+        """
+        if self.base_shardings is None:
+            return None
+        dtype = self.base.param_dtype
+        if self.lora:
+            return jax.tree.map(
+                lambda x, s: jax.device_put(x if x.dtype == dtype else x.astype(dtype), s),
+                params, self.base_shardings)
+        return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                       out_shardings=self.base_shardings)(params)
+
+    def place(self, batch: dict) -> dict:
+        """The step's inputs from a host batch (every process holds it whole): each [B, T]
+        array split over the mesh's batch axes."""
+        return {key: sharding.place(batch[key], self.batch_shardings[key]) for key in BATCH_KEYS}
+
+    def trained_model(self, state: TrainState,
+                      base_params: PyTree | None) -> tuple[model.ModelConfig, PyTree]:
+        """(cfg, params) of the trained model as a plain one: with LoRA the adapters merged
+        into the frozen base (one new array per targeted kernel), otherwise the state's."""
+        if self.lora:
+            return (model.adapters_off(self.trainee),
+                    lora.merge(self.trainee, base_params, state.params))
+        return self.trainee, state.params
+
+    def flops(self, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of one step on a [batch_size, seq_len] batch (metrics.step_flops)."""
+        return step_flops(self.trainee, batch_size, seq_len,
+                          base_forward=self.base_forward,
+                          extra_trainee_forward=self.trainee_forward,
+                          weight_grads=not self.lora)
+
+    def abstract_inputs(self, batch_size: int, seq_len: int):
+        """ShapeDtypeStructs (with shardings) of the train step's (state, base, batch)."""
+        with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        trainable = self.trainable_shapes()
+        state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
+                           opt_state=jax.eval_shape(self.optimizer.init, trainable),
+                           rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+        base = (None if self.base_shardings is None else
+                jax.tree.map(with_sharding, model.param_shapes(self.base), self.base_shardings))
+        dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_,
+                  "fallback": jnp.bool_, "structural": jnp.bool_}
+        batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes.get(key, jnp.float32),
+                                           sharding=self.batch_shardings[key])
+                 for key in BATCH_KEYS}
+        return jax.tree.map(with_sharding, state, self.state_shardings), base, batch
+
+    def weight_bytes(self) -> int:
+        """Bytes of the trainable params, optimizer state and frozen base params, all devices
+        together (what stays in memory between steps, activations aside)."""
+        size = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize  # noqa: E731
+                                for x in jax.tree.leaves(tree))
+        trainable = self.trainable_shapes()
+        base = model.param_shapes(self.base) if self.base_shardings is not None else {}
+        return size(trainable) + size(jax.eval_shape(self.optimizer.init, trainable)) + size(base)
+
+    @functools.cached_property
+    def train_step(self) -> Callable:
+        """`train_step(state, base_params, batch) -> (state, metrics)`, jitted on the mesh.
+
+        batch: `place(host_batch)` of a `data.Batches` batch (the keys of BATCH_KEYS);
+        base_params: `base_params(...)` (None when unused). The state is donated. metrics:
+        float32 scalars (loss, response_nll, kept_ratio, high_ppl_10/100, aligned / correction
+        / drift / structural fractions, kept_high_ppl (kept tokens with b < tau), tau,
+        grad_norm, learning_rate, response_tokens, and nonfinite: 1 when the loss or gradient
+        was not finite, in which case the update was skipped).
+        """
+        return self._jit(_train_step(self), donate_state=True)
+
+    @functools.cached_property
+    def eval_step(self) -> Callable:
+        """`eval_step(state, base_params, batch) -> metrics`: the train step's loss and selection
+        metrics on a batch, without an update (the random rule uses a fixed key)."""
+        return self._jit(_eval_step(self), donate_state=False)
+
+    def _jit(self, fn, *, donate_state: bool):
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        outputs = (self.state_shardings, replicated) if donate_state else replicated
+        return sharding.MeshJit(
+            fn, self.mesh, self.config.mesh.rules,
+            in_shardings=(self.state_shardings, self.base_shardings, self.batch_shardings),
+            out_shardings=outputs, donate_argnums=(0,) if donate_state else ())
+
+
+def setup(config: Any, cfg: model.ModelConfig, mesh) -> StepSetup:
+    """The StepSetup of a run: `cfg` is the loaded model's ModelConfig (as `hf.load` gives it)."""
     config = with_rho(config)
     selection.validate(config.selection)
-    cfg = trainee_config(config, cfg)
-    tx = make_optimizer(config.train)
-    schedule = learning_rate_schedule(config.train)
+    trainee, base = trainee_config(config, cfg), base_config(config, cfg)
+    rules = config.mesh.rules
+    optimizer = make_optimizer(config.train)
+    if uses_lora(config):
+        trainable, trainable_shardings = (model.lora_shapes(trainee),
+                                          sharding.lora_shardings(trainee, mesh, rules))
+    else:
+        trainable, trainable_shardings = (model.param_shapes(trainee),
+                                          sharding.param_shardings(trainee, mesh, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = optax.tree_map_params(
+        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, trainable), trainable_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return StepSetup(
+        config=config, trainee=trainee, base=base, mesh=mesh, optimizer=optimizer,
+        schedule=learning_rate_schedule(config.train),
+        state_shardings=TrainState(step=replicated, params=trainable_shardings,
+                                   opt_state=opt_state, rng=replicated),
+        base_shardings=(sharding.param_shardings(base, mesh, rules)
+                        if needs_base_params(config) else None),
+        batch_shardings={key: sharding.batch_sharding(mesh) for key in BATCH_KEYS})
+
+
+def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
+    """`setup(config, cfg, mesh).train_step`."""
+    return setup(config, cfg, mesh).train_step
+
+
+def _train_step(run: StepSetup) -> Callable:
+    config, cfg, tx = run.config, run.trainee, run.optimizer
     signals_and_weights, micro_loss = _loss_and_metrics_fn(config, cfg)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    dropout = uses_lora(config) and config.lora.dropout > 0
+    dropout = run.lora and config.lora.dropout > 0
 
     def train_step(state: TrainState, base_params, batch):
         micro = _micro_batches({k: batch[k] for k in BATCH_KEYS}, config.train.micro_batches)
@@ -341,22 +437,18 @@ def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
 
         metrics = _selection_metrics(config, signals, weights)
-        metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+        metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=run.schedule(state.step),
                        nonfinite=(~finite).astype(jnp.float32),
                        response_nll=-logprob_sum / jnp.maximum(metrics["response_tokens"], 1))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return _jit_on_mesh(train_step, config, cfg, mesh, donate_state=True)
+    return train_step
 
 
-def make_eval_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
-    """`eval_step(state, base_params, batch) -> metrics`: the train step's loss and selection
-    metrics on a batch, without an update (the random rule uses a fixed key)."""
-    config = with_rho(config)
-    selection.validate(config.selection)
-    cfg = trainee_config(config, cfg)
-    signals_and_weights, micro_loss = _loss_and_metrics_fn(config, cfg)
+def _eval_step(run: StepSetup) -> Callable:
+    config = run.config
+    signals_and_weights, micro_loss = _loss_and_metrics_fn(config, run.trainee)
 
     def eval_step(state: TrainState, base_params, batch):
         micro = _micro_batches({k: batch[k] for k in BATCH_KEYS}, config.train.micro_batches)
@@ -371,23 +463,4 @@ def make_eval_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
                        / jnp.maximum(metrics["response_tokens"], 1))
         return metrics
 
-    return _jit_on_mesh(eval_step, config, cfg, mesh, donate_state=False)
-
-
-def place_batch(batch: dict, mesh) -> dict:
-    """The step's inputs from a host batch (every process holds it whole): each [B, T] array
-    split over the mesh's batch axes."""
-    return {key: sharding.place(batch[key], sharding.batch_sharding(mesh)) for key in BATCH_KEYS}
-
-
-def _jit_on_mesh(fn, config, cfg, mesh, *, donate_state: bool):
-    base_shardings = (sharding.param_shardings(base_config(config, cfg), mesh, config.mesh.rules)
-                      if needs_base_params(config) else None)
-    batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
-    state = state_shardings(config, cfg, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    outputs = (state, replicated) if donate_state else replicated
-    return sharding.MeshJit(
-        fn, mesh, config.mesh.rules, in_shardings=(state, base_shardings, batch_shardings),
-        out_shardings=outputs, donate_argnums=(0,) if donate_state else (),
-    )
+    return eval_step

@@ -1,7 +1,7 @@
 """Stage 2: `python -m dasd_jax.train --config=configs/math.py[:variant] [--config.a.b=value]`.
 
 Loads the model (an HF checkpoint, or a random one for offline runs), keeps a frozen copy as the
-base, and runs `step.make_train_step` over the data, with checkpoints every
+base, and runs the step of `step.setup` over the data, with checkpoints every
 `checkpoint.every` steps (resuming from the latest one in `workdir`), metrics in
 `{workdir}/metrics.jsonl` and TensorBoard, evaluation, and a final HF export to `{workdir}/hf`.
 With LoRA (`--config.lora.rank=R`) the loaded weights stay frozen and serve as the base too (no
@@ -77,53 +77,15 @@ def validate(config: Any) -> None:
 # ----------------------------------------------------------------------------- dry run
 
 
-def abstract_inputs(config: Any, cfg: model.ModelConfig, mesh):
-    """ShapeDtypeStructs (with shardings) of the train step's inputs at the largest bucket."""
-    shardings = step.state_shardings(config, cfg, mesh)
-    params = step.trainable_shapes(config, cfg)
-    opt_state = jax.eval_shape(step.make_optimizer(config.train).init, params)
-    state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                            opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, shardings)
-    base = None
-    if step.needs_base_params(config):
-        base_cfg = step.base_config(config, cfg)
-        base = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            model.param_shapes(base_cfg),
-                            sharding.param_shardings(base_cfg, mesh, config.mesh.rules))
-    shape = (config.train.batch_size, max(config.data.buckets))
-    batch_sharding = sharding.batch_sharding(mesh)
-    dtypes = {"tokens": jnp.int32, "targets": jnp.int32,
-              **{key: jnp.bool_ for key in data.MASK_ARRAYS}}
-    batch = {key: jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.float32), sharding=batch_sharding)
-             for key in step.BATCH_KEYS}
-    return state, base, batch
-
-
-def _bytes(tree) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def weight_bytes(config: Any, cfg: model.ModelConfig) -> int:
-    """Bytes of the step's trainable params, optimizer state and frozen base params, all devices
-    together (what stays in memory between steps, activations aside)."""
-    trainable = step.trainable_shapes(config, cfg)
-    opt_state = jax.eval_shape(step.make_optimizer(config.train).init, trainable)
-    base = (model.param_shapes(step.base_config(config, cfg))
-            if step.needs_base_params(config) else {})
-    return _bytes(trainable) + _bytes(opt_state) + _bytes(base)
-
-
-def lora_saving(config: Any, cfg: model.ModelConfig) -> dict:
+def lora_saving(config: Any, cfg: model.ModelConfig, mesh) -> dict:
     """LoRA's trainable params and weight memory against full fine-tuning of the same run."""
     full = config.copy_and_resolve_references()
     full.lora.rank = 0
     gib = 2.0 ** 30
-    trainee = step.trainee_config(config, cfg)
-    report = {"trainable_params": trainee.num_lora_params,
-              "weights_gib": weight_bytes(config, cfg) / gib,
-              "full_finetune_weights_gib": weight_bytes(full, cfg) / gib}
+    run = step.setup(config, cfg, mesh)
+    report = {"trainable_params": run.trainee.num_lora_params,
+              "weights_gib": run.weight_bytes() / gib,
+              "full_finetune_weights_gib": step.setup(full, cfg, mesh).weight_bytes() / gib}
     report["saved_gib"] = report["full_finetune_weights_gib"] - report["weights_gib"]
     return report
 
@@ -131,8 +93,9 @@ def lora_saving(config: Any, cfg: model.ModelConfig) -> dict:
 def dry_run(config: Any, mesh) -> dict:
     """Compiles the step ahead of time and reports its memory per device."""
     cfg = stages.model_config_only(config)
-    train_step = step.make_train_step(config, cfg, mesh)
-    compiled = train_step.lower(*abstract_inputs(config, cfg, mesh)).compile()
+    run = step.setup(config, cfg, mesh)
+    compiled = run.train_step.lower(*run.abstract_inputs(
+        config.train.batch_size, max(config.data.buckets))).compile()
     memory = compiled.memory_analysis()
     gib = 2.0 ** 30
     report = {
@@ -146,9 +109,9 @@ def dry_run(config: Any, mesh) -> dict:
     }
     report["peak_gib_per_device"] = (report["argument_gib"] + report["output_gib"]
                                      + report["temp_gib"] - report["alias_gib"])
-    report["weights_gib"] = weight_bytes(config, cfg) / gib
-    if step.uses_lora(config):
-        report["lora"] = lora_saving(config, cfg)
+    report["weights_gib"] = run.weight_bytes() / gib
+    if run.lora:
+        report["lora"] = lora_saving(config, cfg, mesh)
     print(f"model        {cfg.model_type}, {cfg.num_params:,} parameters")
     print(f"mesh         {dict(mesh.shape)} on {mesh.devices.size} × {jax.devices()[0].device_kind}")
     print(f"step         batch {report['batch'][0]} × {report['batch'][1]} tokens, rule "
@@ -218,12 +181,12 @@ class FiniteGuard:
 
 
 
-def evaluate(config, eval_step, state, base_params, examples, mesh) -> dict[str, float]:
-    """Mean of eval_step metrics over `train.eval_batches` fixed batches of `examples`."""
+def held_out_loss(config, run: step.StepSetup, state, base_params, examples) -> dict[str, float]:
+    """Means of the eval step's metrics (loss, selection) over `train.eval_batches` fixed
+    batches of the held-out `examples`, as eval_* keys."""
     batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
                            pad_id=0)
-    results = [metrics.fetch_numbers(eval_step(state, base_params,
-                                               step.place_batch(next(batches), mesh)))
+    results = [metrics.fetch_numbers(run.eval_step(state, base_params, run.place(next(batches))))
                for _ in range(config.train.eval_batches)]
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
@@ -250,8 +213,9 @@ def train(config: Any) -> dict[str, float]:
     examples = load_examples(config, tokenizer, evaluation=False, stop_ids=stop_ids)
     eval_examples = load_examples(config, tokenizer, evaluation=True, stop_ids=stop_ids)
 
-    base_params = step.make_base_params(config, cfg, params, mesh)
-    state = step.init_train_state(config, cfg, params, mesh)
+    run = step.setup(config, cfg, mesh)
+    base_params = run.base_params(params)
+    state = run.init_state(params)
     del params
     checkpoints = checkpoint.Checkpointer(workdir, every=config.checkpoint.every,
                                           max_to_keep=config.checkpoint.max_to_keep,
@@ -264,51 +228,30 @@ def train(config: Any) -> dict[str, float]:
     batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
                            pad_id=cfg.pad_token_id or 0, state=data_state,
                            group_by_length=config.data.group_by_length)
-    train_step = step.make_train_step(config, cfg, mesh)
-    eval_step = step.make_eval_step(config, cfg, mesh) if eval_examples else None
-
-    trainee = step.trainee_config(config, cfg)
-    extra_forward = "trainee" in selection.needs(config.selection.rule, config.selection)
-    batch_flops = lambda batch: metrics.step_flops(  # noqa: E731
-        trainee, *batch["tokens"].shape, base_forward=step.uses_base_model(config),
-        extra_trainee_forward=extra_forward, weight_grads=not step.uses_lora(config))
-    throughput = metrics.Throughput(None, jax.device_count(), metrics.peak_flops_per_device(
-        jax.devices()[0].device_kind, trainee.dtype))
+    peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, run.trainee.dtype)
+    window = metrics.LogWindow(metrics.Throughput(None, jax.device_count(), peak), run.flops)
     writer = metrics.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard,
                                    enabled=primary, resume_step=start)
     progress = metrics.ProgressBar(config.train.steps, initial=start,
                                    enabled=primary and config.metrics.progress_bar)
     preemption = checkpoint.PreemptionFlag()
     guard = FiniteGuard(config, checkpoints)
+    evaluating = bool(eval_examples)
     last: dict[str, float] = {}
-    window, window_steps = None, 0  # step metrics summed on device since the last log line
-    steps_since_log = tokens_since_log = flops_since_log = 0
     started = time.perf_counter()
     try:
         for current in range(start, config.train.steps):
             batch = next(batches)
-            state, step_metrics = train_step(state, base_params, step.place_batch(batch, mesh))
+            state, step_metrics = run.train_step(state, base_params, run.place(batch))
             done = current + 1
+            log_now = done % config.train.log_every == 0 or done == config.train.steps
+            eval_now = evaluating and config.train.eval_every and done % config.train.eval_every == 0
             guard.after_step(done, step_metrics, now=(
-                done % config.train.log_every == 0 or done % config.checkpoint.every == 0
-                or done == config.train.steps
-                or bool(eval_step and config.train.eval_every
-                        and done % config.train.eval_every == 0)))
-            window = step_metrics if window is None else metrics.add(window, step_metrics)
-            window_steps += 1
-            if current == start:  # leave compilation out of the throughput
-                jax.block_until_ready(state)
-                throughput.reset()
-            else:
-                steps_since_log += 1
-                tokens_since_log += int(batch["tokens"].size)
-                flops_since_log += batch_flops(batch)
-            if done % config.train.log_every == 0 or done == config.train.steps:
-                last = metrics.window_mean(metrics.fetch_numbers(window), window_steps,
-                                           metrics.fetch_numbers(step_metrics))
-                window, window_steps = None, 0
-                last.update(throughput.measure(steps_since_log, tokens_since_log, flops_since_log))
-                steps_since_log = tokens_since_log = flops_since_log = 0
+                log_now or eval_now or done % config.checkpoint.every == 0))
+            window.add(step_metrics, batch["tokens"].shape, first_of_run=current == start,
+                       state=state)
+            if log_now:
+                last = window.close(step_metrics)
                 writer.write(done, last)
                 progress.update(done, loss=last["loss"], kept=last["kept_ratio"])
                 if primary and not progress.active:
@@ -316,9 +259,8 @@ def train(config: Any) -> dict[str, float]:
                     print(metrics.format_log_line(done, config.train.steps, shown,
                                                   elapsed_s=time.perf_counter() - started,
                                                   start_step=start), flush=True)
-            if eval_step and config.train.eval_every and done % config.train.eval_every == 0:
-                writer.write(done, evaluate(config, eval_step, state, base_params,
-                                            eval_examples, mesh))
+            if eval_now:
+                writer.write(done, held_out_loss(config, run, state, base_params, eval_examples))
             checkpoints.save(done, state, batches.state)
             if preemption.requested():
                 guard.flush()
@@ -328,12 +270,12 @@ def train(config: Any) -> dict[str, float]:
                 return last
         final_step = int(state.step)
         checkpoints.save(final_step, state, batches.state, force=True)
-        if eval_step:
-            results = evaluate(config, eval_step, state, base_params, eval_examples, mesh)
+        if evaluating:
+            results = held_out_loss(config, run, state, base_params, eval_examples)
             writer.write(final_step, results)
             last.update(results)
         if config.checkpoint.export:
-            export(config, trainee, state, base_params, tokenizer, workdir)
+            export(config, run.trainee, state, base_params, tokenizer, workdir)
     finally:
         preemption.close()
         progress.close()

@@ -14,7 +14,7 @@ CFG = model.ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, inter
 def make_state(mesh):
     config = config_defaults.base_config()
     config.train.update(steps=10, warmup_steps=1)
-    return config, step.init_train_state(config, CFG, model.init(CFG, jax.random.key(1)), mesh)
+    return config, step.setup(config, CFG, mesh).init_state(model.init(CFG, jax.random.key(1)))
 
 
 def test_a_checkpoint_restores_onto_a_different_mesh_shape(tmp_path):
@@ -33,7 +33,7 @@ def test_a_checkpoint_restores_onto_a_different_mesh_shape(tmp_path):
 
     assert data_state == {"epoch": 1, "index": 48}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-    expected = step.state_shardings(config, CFG, restoring_mesh)
+    expected = step.setup(config, CFG, restoring_mesh).state_shardings
     jax.tree.map(lambda array, wanted: _assert_sharding(array, wanted), restored, expected)
 
 

@@ -126,7 +126,7 @@ def test_evaluating_a_workdir_restores_the_params_alone(tmp_path, monkeypatch):
     def no_training_state(*args, **kwargs):
         raise AssertionError("evaluation built a TrainState")
 
-    monkeypatch.setattr(step, "init_train_state", no_training_state)
+    monkeypatch.setattr(step.StepSetup, "init_state", no_training_state)
     cfg, params, _ = evaluate.load_checkpoint(config, str(tmp_path), jax.sharding.Mesh(
         np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
     restored = sum(x.size for x in jax.tree.leaves(params))

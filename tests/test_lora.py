@@ -182,15 +182,14 @@ def lora_config(**lora_settings):
 def test_lora_training_changes_only_the_adapters_and_the_loss_falls(step_params):
     mesh = sharding.make_mesh((1, 2, 4))  # adapters sharded like their kernels
     config = lora_config()
-    base = step.make_base_params(config, STEP_CFG, step_params, mesh)
-    state = step.init_train_state(config, STEP_CFG, step_params, mesh)
-    trainee = step.trainee_config(config, STEP_CFG)
-    assert jax.tree.structure(state.params) == jax.tree.structure(model.lora_shapes(trainee))
+    run = step.setup(config, STEP_CFG, mesh)
+    base, state = run.base_params(step_params), run.init_state(step_params)
+    assert jax.tree.structure(state.params) == jax.tree.structure(model.lora_shapes(run.trainee))
     optimizer_size = sum(x.size for x in jax.tree.leaves(state.opt_state))
-    assert optimizer_size <= 2 * trainee.num_lora_params + 4  # moments of the adapters only
+    assert optimizer_size <= 2 * run.trainee.num_lora_params + 4  # moments of the adapters only
 
-    train_step = step.make_train_step(config, STEP_CFG, mesh)
-    batch = step.place_batch(make_batch(0), mesh)
+    train_step = run.train_step
+    batch = run.place(make_batch(0))
     history = []
     for _ in range(5):
         state, metrics = train_step(state, base, batch)
@@ -205,7 +204,7 @@ def test_lora_training_changes_only_the_adapters_and_the_loss_falls(step_params)
 def test_the_lora_base_is_the_loaded_weights_not_a_copy(step_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = jax.device_put(step_params, sharding.param_shardings(STEP_CFG, mesh))
-    base = step.make_base_params(lora_config(), STEP_CFG, params, mesh)
+    base = step.setup(lora_config(), STEP_CFG, mesh).base_params(params)
     kernel = lambda tree: tree["layers"]["mlp"]["up_proj"]["kernel"]  # noqa: E731
     assert kernel(base).unsafe_buffer_pointer() == kernel(params).unsafe_buffer_pointer()
 
@@ -216,7 +215,7 @@ def test_lora_rank_zero_is_full_fine_tuning_as_before(step_params):
     assert step.trainee_config(config, STEP_CFG) == step.trainee_config(make_config(), STEP_CFG)
     assert step.trainee_config(config, STEP_CFG).lora_rank == 0
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    state = step.init_train_state(config, STEP_CFG, step_params, mesh)
+    state = step.setup(config, STEP_CFG, mesh).init_state(step_params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), step_params)
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dasd_jax import config_defaults, losses, model, sharding, step, train
+from dasd_jax import config_defaults, losses, model, sharding, step
 
 B, T, D, V = 2, 37, 16, 101
 
@@ -76,8 +76,8 @@ def test_a_step_with_a_152k_vocabulary_needs_less_memory_chunked():
         config.model.compute_dtype = "float32"
         config.train.update(steps=10, warmup_steps=1, batch_size=2, loss_chunk=chunk)
         config.data.update(max_seq_len=256, buckets=(256,))
-        compiled = step.make_train_step(config, cfg, mesh).lower(
-            *train.abstract_inputs(config, cfg, mesh)).compile()
+        run = step.setup(config, cfg, mesh)
+        compiled = run.train_step.lower(*run.abstract_inputs(2, 256)).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     naive, chunked = temp_bytes(0), temp_bytes(32)

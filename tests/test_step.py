@@ -44,12 +44,11 @@ def initial_params():
 
 
 def run_steps(config, params, mesh, steps=3):
-    state = step.init_train_state(config, CFG, params, mesh)
-    base = step.make_base_params(config, CFG, params, mesh)
-    train_step = step.make_train_step(config, CFG, mesh)
+    run = step.setup(config, CFG, mesh)
+    state, base = run.init_state(params), run.base_params(params)
     history = []
     for i in range(steps):
-        state, metrics = train_step(state, base, step.place_batch(make_batch(i), mesh))
+        state, metrics = run.train_step(state, base, run.place(make_batch(i)))
         history.append(jax.device_get(metrics))
     return state, history
 
@@ -100,20 +99,21 @@ def test_every_rule_trains_and_reports_its_metrics(rule, initial_params):
 
 def test_sft_skips_the_base_forward(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    assert step.make_base_params(make_config("all"), CFG, initial_params, mesh) is None
-    assert step.make_base_params(make_config("dasd"), CFG, initial_params, mesh) is not None
+    assert step.setup(make_config("all"), CFG, mesh).base_params(initial_params) is None
+    assert step.setup(make_config("dasd"), CFG, mesh).base_params(initial_params) is not None
 
 
 def test_cached_base_confidence_is_read_from_the_batch(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("dasd", base_confidence="cached")
     config.selection.update(tau_quantile=None, keep_structural=False)
-    assert step.make_base_params(config, CFG, initial_params, mesh) is None
+    run = step.setup(config, CFG, mesh)
+    assert run.base_params(initial_params) is None
     batch = make_batch()
     confident = np.zeros_like(batch["base_logprob"])  # b = 1 everywhere: all aligned
     batch.update(base_logprob=confident, base_top1=np.ones_like(confident))
-    state = step.init_train_state(config, CFG, initial_params, mesh)
-    _, metrics = step.make_train_step(config, CFG, mesh)(state, None, step.place_batch(batch, mesh))
+    state = run.init_state(initial_params)
+    _, metrics = run.train_step(state, None, run.place(batch))
     assert float(metrics["aligned"]) == 1.0 and float(metrics["kept_ratio"]) == 1.0
 
 
@@ -130,11 +130,11 @@ def test_nothing_selected_gives_zero_loss_and_no_update(initial_params):
 def test_eval_step_reports_the_train_step_loss_without_updating(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("dasd")
-    state = step.init_train_state(config, CFG, initial_params, mesh)
-    base = step.make_base_params(config, CFG, initial_params, mesh)
-    batch = step.place_batch(make_batch(), mesh)
-    evaluated = step.make_eval_step(config, CFG, mesh)(state, base, batch)
-    _, trained = step.make_train_step(config, CFG, mesh)(state, base, batch)
+    run = step.setup(config, CFG, mesh)
+    state, base = run.init_state(initial_params), run.base_params(initial_params)
+    batch = run.place(make_batch())
+    evaluated = run.eval_step(state, base, batch)
+    _, trained = run.train_step(state, base, batch)
     np.testing.assert_allclose(evaluated["loss"], trained["loss"], rtol=1e-6)
 
 
