@@ -47,8 +47,8 @@ EXTRA = {
     "DASD fallback=all": ("dasd", demo.DASD_FILE, "response", {"fallback": "all"}),
     "DASD no structural": ("dasd", demo.DASD_FILE, "response", {"keep_structural": False}),
 }
-METRICS = ("demo_hard", "demo_easy", "kept_ratio", "kept_high_ppl", "demo_hard_unfinished",
-           "demo_easy_unfinished")
+METRICS = ("hard", "easy", "kept_ratio", "kept_high_ppl", "hard_unfinished",
+           "easy_unfinished")
 
 
 def run_seed(seed: int, variant: str, workdir: Path) -> dict:
@@ -92,10 +92,10 @@ def forgetting_correlation(tables: list[dict]) -> dict:
     kept ratio itself."""
     points = []
     for table in tables:
-        base = table["results"]["base"]["demo_easy"]
+        base = table["results"]["base"]["easy"]
         for name, r in table["results"].items():
             if name != "base" and r.get("kept_high_ppl") is not None and r.get("kept_ratio"):
-                points.append((base - r["demo_easy"], r["kept_high_ppl"] / r["kept_ratio"],
+                points.append((base - r["easy"], r["kept_high_ppl"] / r["kept_ratio"],
                                r["kept_ratio"]))
     loss, share, kept = zip(*points)
     return {"points": len(points), "with_high_ppl_share": statistics.correlation(loss, share),
@@ -121,8 +121,8 @@ def components(summary: dict) -> list[str]:
                         ("veto vs base_unsure", "DASD", "DASD base_unsure"),
                         ("veto vs reference_confident", "DASD", "DASD ref_confident"),
                         ("choice of tokens (vs random, same count)", "DASD", "random")):
-        hard, hard_counts = _ahead(results, a, b, "demo_hard")
-        easy, easy_counts = _ahead(results, a, b, "demo_easy")
+        hard, hard_counts = _ahead(results, a, b, "hard")
+        easy, easy_counts = _ahead(results, a, b, "easy")
         lines.append(f"* {label}: {a} − {b}: hard {hard:+.1%}{'' if hard_counts else ' (within noise)'}"
                      f", easy {easy:+.1%}{'' if easy_counts else ' (within noise)'}")
     return lines
@@ -132,8 +132,8 @@ def verdicts(summary: dict) -> list[tuple[str, bool, str]]:
     """[(claim, supported, the numbers and criterion)] for claims (a)-(d)."""
     results, high_ppl, categories = (summary["results"], summary["high_ppl_10"],
                                      summary["categories"])
-    hard = {m: results[m]["demo_hard"] for m in results}
-    easy = {m: results[m]["demo_easy"] for m in results}
+    hard = {m: results[m]["hard"] for m in results}
+    easy = {m: results[m]["easy"] for m in results}
     out = []
 
     sdft_ppl = high_ppl["sdft"][0]
@@ -174,9 +174,9 @@ def markdown(summary: dict, seeds: list[int]) -> str:
         kept = "" if "kept_ratio" not in m else f"{m['kept_ratio'][0]:.3f} ± {m['kept_ratio'][1]:.3f}"
         share = ("" if "kept_high_ppl" not in m or not m.get("kept_ratio", (0,))[0] else
                  f"{m['kept_high_ppl'][0] / m['kept_ratio'][0]:.1%}")
-        unfinished = (f"{m['demo_hard_unfinished'][0]:.1%} / {m['demo_easy_unfinished'][0]:.1%}"
-                      if "demo_hard_unfinished" in m else "")
-        rows.append(f"| {method} | {_pm(m['demo_hard'])} | {_pm(m['demo_easy'])} | {kept} | "
+        unfinished = (f"{m['hard_unfinished'][0]:.1%} / {m['easy_unfinished'][0]:.1%}"
+                      if "hard_unfinished" in m else "")
+        rows.append(f"| {method} | {_pm(m['hard'])} | {_pm(m['easy'])} | {kept} | "
                     f"{share} | {unfinished} |")
     categories = next(iter(summary["categories"].values()))
     rows += ["", "| training set | high-PPL (1/b > 10) | " + " | ".join(categories) + " |",

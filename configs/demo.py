@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     config.workdir = "/tmp/dasd_jax_demo"
     config.model.random.update(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
                                num_kv_heads=4, head_dim=32)
-    config.model.random_tokenizer = "demo_world"
+    config.model.random_tokenizer = "synthetic"
     config.data.max_seq_len = 96  # an answer-aware prompt + solution is at most ~91 tokens
     config.data.buckets = (32, 64, 96)
     config.data.group_by_length = 8  # plain and answer-aware examples differ 3x in length

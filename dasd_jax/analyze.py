@@ -188,16 +188,17 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
 
 def analyze(config: Any) -> dict:
     """Writes summary.json, confidence.png and tokens.html; returns the summary."""
+    config = stages.finalize(config)
     if not config.workdir:
         raise UserError("--config.workdir is required (paths may use {workdir})")
     selection.validate(step.with_rho(config).selection)
     mesh = sharding.make_mesh(config.mesh.shape)
     cfg, params, tokenizer = stages.load_model(config, mesh)
-    output = Path(stages.workdir_path(config, config.analyze.output)).expanduser()
+    output = Path(config.analyze.output)
     sources, stats = {}, {}
     with sharding.activation_rules(mesh, config.mesh.rules):
         for name, path, target in parse_sources(config.analyze.sources):
-            records = data.load_records(stages.workdir_path(config, path), config.data.split,
+            records = data.load_records(path, config.data.split,
                                         config.data.fields, target=target,
                                         generated_examples=config.data.generated_examples,
                                         seed=config.seed)
@@ -206,7 +207,7 @@ def analyze(config: Any) -> dict:
             items = token_signals(config, cfg, params, tokenizer, records, target)
             if not items:
                 raise UserError(f"source {name!r} ({path}) has no non-empty {target}s")
-            alpha = rewrite.recorded_alpha(stages.workdir_path(config, path))
+            alpha = rewrite.recorded_alpha(path)
             stats[name] = categorize(items, step.with_rho(config, alpha).selection)
             sources[name] = items
     if jax.process_index() == 0:

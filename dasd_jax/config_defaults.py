@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
         model_type="llama", hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_word_embeddings=True,
     ))
-    config.model.random_tokenizer = "characters"  # or "demo_world": its words and numbers whole
+    config.model.random_tokenizer = "characters"  # or "synthetic": that world's words and numbers whole
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
@@ -48,14 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     # JSONL file (or a directory of *.jsonl), a dataset saved with `datasets.save_to_disk`, or
-    # "hf:NAME[:CONFIG]" for a Hugging Face hub dataset; "generated" = tasks.synthetic records.
+    # "hf:NAME[:CONFIG]" for a Hugging Face hub dataset; "synthetic" = generated records
+    # (tasks.synthetic).
     # "{workdir}" is replaced by --config.workdir: by default, what stage 1 wrote there.
     config.data.path = "{workdir}/rewrites.jsonl"
     config.data.split = "train"  # split for hf: / save_to_disk datasets
     config.data.eval_path = ""  # same forms; "" = no evaluation
     config.data.eval_split = "test"
     config.data.eval_target = "reference"  # held-out loss is measured on the gold references
-    config.data.generated_examples = 2048  # for path "generated"
+    config.data.generated_examples = 2048  # for path "synthetic"
     config.data.generated_eval_examples = 128
     config.data.fields = ml_collections.ConfigDict(dict(  # record field names, mappable
         prompt="prompt", reference="reference", response="response",
@@ -91,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.rewrite.batch_size = 32  # examples per decode batch
     config.rewrite.prompt_buckets = (256, 512, 1024, 2048)
     config.rewrite.limit = 0  # rewrite only the first N records (0 = all)
-    config.rewrite.generated_examples = 512  # for input "generated"
+    config.rewrite.generated_examples = 512  # for input "synthetic"
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 1000
@@ -205,10 +206,10 @@ def tiny(config: ml_collections.ConfigDict) -> None:
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"  # bf16 is slower than fp32 on CPUs
     config.data.system_prompt = ""  # the generated worlds have no system message
-    config.data.path = "generated"  # tasks.synthetic records: prompt + reference, no rewrite
-    config.data.eval_path = "generated"
+    config.data.path = "synthetic"  # generated records: prompt + reference, no rewrite
+    config.data.eval_path = "synthetic"
     config.data.target = "reference"
-    config.rewrite.input = "generated"
+    config.rewrite.input = "synthetic"
     config.rewrite.task = "synthetic"
     config.rewrite.generated_examples = 64
     config.rewrite.max_new_tokens = 96

@@ -59,7 +59,7 @@ VALUE_ARRAYS = {"ref_logprobs": "ref_logprob", "base_logprobs": "base_logprob",
                 "ref_top1": "ref_top1"}
 MASK_ARRAYS = ("loss_mask", "fallback", "structural")  # bool Example / batch keys
 PATH_FORMS = ("a JSONL file, a directory of *.jsonl files, a dataset directory written by "
-              "datasets' save_to_disk, hf:NAME[:CONFIG], or generated")
+              "datasets' save_to_disk, hf:NAME[:CONFIG], or synthetic (generated records)")
 
 
 # ----------------------------------------------------------------------------- loading records
@@ -86,18 +86,18 @@ def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
     path = str(path)
     names = {name: (fields.get(name) if fields is not None else None) or name
              for name in CANONICAL_FIELDS}
-    if path == "generated":
+    from dasd_jax.tasks import registry
+
+    if path in registry.record_sources():
         if target == "response":
             raise UserError(
-                "data.path=generated makes records with a prompt and a reference but no response: "
+                f"data.path={path} makes records with a prompt and a reference but no response: "
                 "train on them with --config.data.target=reference, or rewrite them first")
         if generated_examples < 1:
-            raise UserError("data.path=generated needs --config.data.generated_examples > 0")
-        from dasd_jax.tasks import synthetic
-
+            raise UserError(f"data.path={path} needs --config.data.generated_examples > 0")
         names = {name: name for name in CANONICAL_FIELDS}
-        rows = ((f"generated record {i}", row) for i, row in
-                enumerate(synthetic.generate_records(generated_examples, seed)))
+        rows = ((f"{path} record {i}", row) for i, row in
+                enumerate(registry.records(path, generated_examples, seed)))
     elif path.startswith("hf:"):
         rows = hub_rows(path, split)
     elif not path:
@@ -116,7 +116,7 @@ def local_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
     if not path.exists():
         raise UserError(f"no data at {path}: pass {PATH_FORMS}")
     if path.is_file():
-        yield from _jsonl_rows(path)
+        yield from jsonl_rows(path)
     elif any((path / name).exists() for name in ("dataset_dict.json", "state.json")):
         yield from _saved_rows(path, split)
     else:
@@ -125,10 +125,10 @@ def local_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
             raise UserError(f"{path} has no *.jsonl files and is not a dataset directory written "
                             "by save_to_disk")
         for file in files:
-            yield from _jsonl_rows(file)
+            yield from jsonl_rows(file)
 
 
-def _jsonl_rows(file: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_rows(file: Path) -> Iterator[tuple[str, dict]]:
     """(location, record) for each non-blank line of a JSONL file."""
     count = 0
     try:

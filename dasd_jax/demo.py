@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from dasd_jax import analyze, atomic, evaluate, rewrite, stages, train
+from dasd_jax import analyze, atomic, evaluate, rewrite, stages, train, validation
 from dasd_jax.tasks import synthetic
 
 DASD_FILE, SDFT_FILE = "rewrites_dasd.jsonl", "rewrites_sdft.jsonl"
@@ -80,8 +80,7 @@ def pretrained_base(config: Any, log) -> Path:
     interrupted run leaves no cache entry behind."""
     demo = config.demo
     records = synthetic.pretraining_records(demo.pretrain_examples, config.seed)
-    cached = (Path(stages.workdir_path(config, demo.cache_dir)).expanduser()
-              / f"base-{cache_key(config, records)}")
+    cached = Path(demo.cache_dir).expanduser() / f"base-{cache_key(config, records)}"
     if (cached / "config.json").exists():
         log(f"base model: cached at {cached}")
         return cached
@@ -111,6 +110,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     """Runs the demo; returns the results table as a dict and prints it. `extra_methods`
     ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations.
     Each method's kept ratio and token composition are the means over its training run."""
+    validation.validate(config)  # each stage below finalizes its own copy (its own {workdir})
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
     timings: dict[str, float] = {}
@@ -133,7 +133,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
         rewrite_summaries[mode] = rewrite.rewrite(stage)
     timings["rewrite"] = time.perf_counter() - started
 
-    evaluation = dict(tasks="demo_hard,demo_easy", tuned_tasks="demo_hard",
+    evaluation = dict(tasks="synthetic_hard,synthetic_easy", tuned_tasks="synthetic_hard",
                       limit=demo.eval_examples, baseline="", max_new_tokens=32)
     results = {}
     started = time.perf_counter()
@@ -190,10 +190,12 @@ def main(config: Any) -> None:
 
 
 def _scores(summary: dict) -> dict[str, float]:
-    """Accuracy per task, and the share of unfinished completions ("{task}_unfinished")."""
-    scores = {task: s["accuracy"] for task, s in summary["tasks"].items()}
-    scores.update({f"{task}_unfinished": s.get("unfinished", 0.0)
-                   for task, s in summary["tasks"].items()})
+    """Accuracy on the held-out "hard" and "easy" problems, and the share of their completions
+    that did not finish ("hard_unfinished", "easy_unfinished")."""
+    scores = {}
+    for task, numbers in summary["tasks"].items():
+        level = task.removeprefix("synthetic_")
+        scores[level], scores[f"{level}_unfinished"] = numbers["accuracy"], numbers["unfinished"]
     return scores
 
 
@@ -212,8 +214,8 @@ def format_table(table: dict) -> str:
     for name, r in table["results"].items():
         kept = "" if r.get("kept_ratio") is None else f"{r['kept_ratio']:.2f}"
         high = "" if r.get("kept_high_ppl") is None else f"{r['kept_high_ppl']:.2f}"
-        unfinished = (r.get("demo_hard_unfinished", 0.0) + r.get("demo_easy_unfinished", 0.0)) / 2
-        rows.append(f"{name:<20}{r['demo_hard']:>10.1%}{r['demo_easy']:>10.1%}{kept:>7}"
+        unfinished = (r["hard_unfinished"] + r["easy_unfinished"]) / 2
+        rows.append(f"{name:<20}{r['hard']:>10.1%}{r['easy']:>10.1%}{kept:>7}"
                     f"{high:>12}{unfinished:>12.1%}")
     rows.append("")
     rows.append("high-PPL ratio (1/b > 10) of each training set under the base: " + ", ".join(
@@ -225,4 +227,4 @@ def format_table(table: dict) -> str:
 
 
 if __name__ == "__main__":
-    stages.run(main)
+    stages.run(main, finalize_config=False)  # each stage of the demo finalizes its own config

@@ -3,11 +3,15 @@
 Scores a checkpoint on the tasks in `eval.tasks` (comma-separated):
 
     gsm8k, math500                    generation; accuracy, by difficulty (solution steps, level)
-    humaneval, mbpp                   generation; programs run in tasks.sandbox; pass@1 (greedy)
-                                      or pass@k (unbiased) with eval.samples > 1
+    humaneval, mbpp                   generation; programs judged by tasks.harness in
+                                      tasks.sandbox; pass@1 (greedy) or pass@k (unbiased) with
+                                      eval.samples > 1
     commonsenseqa, arc_easy, arc_challenge, boolq, openbookqa, piqa, siqa, winogrande
                                       multiple choice by log-likelihood; acc and acc_norm
-    synthetic                         the generated arithmetic world (offline runs)
+    synthetic, synthetic_easy, synthetic_hard
+                                      the generated arithmetic worlds (offline runs, the demo)
+
+Each task is an `EvalTask` of its module in dasd_jax/tasks, found by `tasks.registry`.
 
 The checkpoint (`eval.checkpoint`) is an HF directory or hub id, a workdir whose Orbax
 `checkpoints/` hold a training run of `model.path`, or "base" (model.path itself). With
@@ -30,92 +34,23 @@ import numpy as np
 
 from dasd_jax import atomic, checkpoint, data, hf, lora, model, sampling, sharding, stages, step
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers, coding, commonsense, gsm8k, math500, synthetic
-
-MULTIPLE_CHOICE = commonsense.TASKS
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerativeTask:
-    """A task scored on generated text: how to load items, prompt, grade and group them."""
-
-    load: Callable[[str, str, int, int], list[dict]]  # (path, split, limit, seed) -> items
-    prompt: Callable[[dict], str]
-    grade: Callable[[dict, str], dict]  # -> {"correct": bool, ...}
-    difficulty: Callable[[dict], str]
-
-
-def _synthetic_items(path, split, limit, seed):
-    records = synthetic.generate_records(limit or 200, seed + 2)
-    return [{"id": str(i), **r} for i, r in enumerate(records)]
-
-
-def _synthetic_grade(item, completion):
-    predicted = answers.final_number(completion)
-    return {"correct": predicted == item["answer"], "prediction": predicted}
-
-
-def _code_grade(family):
-    def grade(item, completion):
-        result = coding.score(item, completion, family)
-        return {"correct": bool(result["passed"]), "status": result["status"],
-                "reason": result["reason"]}
-    return grade
-
-
-def _demo_task(difficulty: str) -> GenerativeTask:
-    return GenerativeTask(
-        load=lambda path, split, limit, seed: synthetic.eval_records(limit or 200, seed, difficulty),
-        prompt=lambda item: item["prompt"], grade=_synthetic_grade,
-        difficulty=lambda item: f"steps={item['reference'].count('=')}")
-
-
-GENERATIVE = {
-    "gsm8k": GenerativeTask(
-        load=lambda path, split, limit, seed: gsm8k.load(path, split, limit),
-        prompt=gsm8k.prompt_text,
-        grade=lambda item, text: {"correct": gsm8k.is_correct(text, item),
-                                  "prediction": gsm8k.extract_answer(text)},
-        difficulty=gsm8k.difficulty),
-    "math500": GenerativeTask(
-        load=lambda path, split, limit, seed: math500.load(path, split, limit),
-        prompt=math500.prompt_text,
-        grade=lambda item, text: {"correct": math500.is_correct(text, item),
-                                  "prediction": math500.last_boxed(text)},
-        difficulty=math500.difficulty),
-    "humaneval": GenerativeTask(
-        load=lambda path, split, limit, seed: coding.load_humaneval(path)[:limit or None],
-        prompt=lambda item: coding.prompt_text(item, "humaneval"),
-        grade=_code_grade("humaneval"), difficulty=lambda item: "all"),
-    "mbpp": GenerativeTask(
-        load=lambda path, split, limit, seed: coding.load_mbpp(path)[:limit or None],
-        prompt=lambda item: coding.prompt_text(item, "mbpp"),
-        grade=_code_grade("mbpp"), difficulty=lambda item: "all"),
-    "synthetic": GenerativeTask(
-        load=_synthetic_items, prompt=lambda item: item["prompt"], grade=_synthetic_grade,
-        difficulty=lambda item: f"steps={item['reference'].count('=')}"),
-    "demo_easy": _demo_task("easy"),  # the demo world's held-out problems (tasks.synthetic)
-    "demo_hard": _demo_task("hard"),
-}
-TASKS = tuple(GENERATIVE) + MULTIPLE_CHOICE
-GENERATED = ("synthetic", "demo_easy", "demo_hard")  # made by tasks.synthetic: no data path
-
+from dasd_jax.tasks import coding, commonsense, registry
 
 def task_list(config: Any) -> list[str]:
     names = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
+    known = registry.eval_tasks()
+    unknown = [t for t in names if t not in known]
     if unknown or not names:
-        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from {', '.join(TASKS)}")
+        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from {', '.join(known)}")
     return names
 
 
 def load_items(config: Any, task: str) -> list[dict]:
-    path = stages.workdir_path(config, config.eval.paths.get(task, "") or "")
-    if not path and task not in GENERATED:
+    spec = registry.eval_task(task)
+    path = config.eval.paths.get(task, "") or ""
+    if not path and spec.needs_path:
         raise UserError(f"no data path for {task}: set --config.eval.paths.{task}=PATH")
-    if task in MULTIPLE_CHOICE:
-        return commonsense.load(task, path, commonsense.default_split(task), config.eval.limit)
-    return GENERATIVE[task].load(path, config.eval.split, config.eval.limit, config.seed)
+    return spec.load(path, config.eval.split, config.eval.limit, config.seed)
 
 
 # ----------------------------------------------------------------------------- models
@@ -125,7 +60,6 @@ def load_checkpoint(config: Any, path: str, mesh):
     """(cfg, params, tokenizer) of an HF checkpoint, of the latest Orbax step in a workdir (LoRA
     adapters merged into the base), or ("" or "base") of the model the run starts from
     (model.path, or its random init)."""
-    path = stages.workdir_path(config, path)
     if path in ("", "base"):
         return stages.load_model(config, mesh)
     directory = Path(path).expanduser()
@@ -214,7 +148,7 @@ def score_generative(task: str, items: list[dict], completions: list[list[str]])
     (unbiased, Chen et al. 2021) is reported for every k in (1, 5, 10) that no item has fewer
     samples than, and `samples` says how many each item had.
     """
-    spec = GENERATIVE[task]
+    spec = registry.eval_task(task)
     lines, by_difficulty = [], defaultdict(list)
     counts = [len(samples) for samples in completions]
     for item, samples in zip(items, completions):
@@ -254,16 +188,17 @@ def evaluate_model(config, cfg, params, tokenizer, tasks: list[str], mesh) -> tu
     with sharding.activation_rules(mesh, config.mesh.rules):
         for task in tasks:
             items = load_items(config, task)
-            if task in MULTIPLE_CHOICE:
+            spec = registry.eval_task(task)
+            if spec.choices:
                 lines[task], summaries[task] = score_multiple_choice(
                     task, items, choice_logliks(config, cfg, params, tokenizer, items))
                 continue
             limit = max(config.eval.prompt_buckets)
-            fits = [len(data.prompt_tokens(GENERATIVE[task].prompt(item), tokenizer, config.data))
-                    <= limit for item in items]
+            fits = [len(data.prompt_tokens(spec.prompt(item), tokenizer, config.data)) <= limit
+                    for item in items]
             skipped = len(items) - sum(fits)
             items = [item for item, fit in zip(items, fits) if fit]
-            prompts = [GENERATIVE[task].prompt(item) for item in items]
+            prompts = [spec.prompt(item) for item in items]
             samples = max(config.eval.samples, 1)
             texts, finished = generate_completions(config, cfg, params, tokenizer,
                                                    [p for p in prompts for _ in range(samples)])
@@ -279,7 +214,7 @@ def evaluate_model(config, cfg, params, tokenizer, tasks: list[str], mesh) -> tu
 
 def score_predictions(config, tasks: list[str]) -> tuple[dict, dict]:
     """Scores completions produced elsewhere: JSONL lines {task, id, completion}."""
-    path = Path(stages.workdir_path(config, config.eval.predictions)).expanduser()
+    path = Path(config.eval.predictions)
     if not path.exists():
         raise UserError(f"--config.eval.predictions={path}: no such file")
     by_task = defaultdict(lambda: defaultdict(list))
@@ -294,7 +229,7 @@ def score_predictions(config, tasks: list[str]) -> tuple[dict, dict]:
                             f"completion ({type(error).__name__}: {error})") from None
     lines, summaries = {}, {}
     for task in tasks:
-        if task in MULTIPLE_CHOICE:
+        if registry.eval_task(task).choices:
             raise UserError(f"{task} is scored by log-likelihood, which needs the model; "
                             "predictions files hold generative tasks only")
         items = [item for item in load_items(config, task) if item["id"] in by_task[task]]
@@ -331,10 +266,11 @@ def format_table(summaries: dict, baseline: dict | None, tuned: set[str]) -> str
 
 def evaluate(config: Any) -> dict:
     """Runs the evaluation; returns the summary written to summary.json."""
+    config = stages.finalize(config)
     if not config.workdir:
         raise UserError("--config.workdir is required (paths may use {workdir})")
     tasks = task_list(config)
-    output = Path(stages.workdir_path(config, config.eval.output)).expanduser()
+    output = Path(config.eval.output)
     baseline = None
     if config.eval.predictions:
         lines, summaries = score_predictions(config, tasks)

@@ -35,7 +35,7 @@ import numpy as np
 
 from dasd_jax import atomic, data, sampling, sharding, stages
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers, synthetic
+from dasd_jax.tasks import answers, registry
 MODES = ("sdft", "dasd")
 
 
@@ -134,10 +134,8 @@ class OutputFile:
 
 
 def template(config: Any) -> str:
-    if config.rewrite.task not in answers.TASKS:
-        raise UserError(f"--config.rewrite.task={config.rewrite.task!r} is not one of "
-                        f"{', '.join(answers.TASKS)}")
-    text = config.rewrite.template or answers.REWRITE_TEMPLATES[config.rewrite.task]
+    """The answer-aware prompt: rewrite.template, or the rewrite family's (tasks.registry)."""
+    text = config.rewrite.template or registry.rewrite_family(config.rewrite.task).template
     if "{prompt}" not in text or "{reference}" not in text:
         raise UserError("--config.rewrite.template must contain {prompt} and {reference}")
     return text
@@ -157,19 +155,15 @@ def settings_from(config: Any, cfg, tokenizer) -> sampling.Settings:
 
 
 def _judge(task: str, prompt: str, text: str, reference: str, finished: bool) -> str | None:
-    """Why a rewrite falls back to the reference, or None when it is kept. Rewrites of the demo
-    world's problems (task synthetic) must also get every step right: `wrong_steps`."""
+    """Why a rewrite falls back to the reference, or None when it is kept: unfinished, empty,
+    a template leak, or what the task family's acceptance check says (e.g. wrong_answer)."""
     if not finished:
         return "unfinished"
     if not text.strip():
         return "empty"
     if answers.leaked_phrase(text):
         return "template_leak"
-    if not answers.answers_match(task, text, reference):
-        return "wrong_answer"
-    if task == "synthetic" and synthetic.trace_is_exact(prompt, text) is False:
-        return "wrong_steps"
-    return None
+    return registry.rewrite_family(task).accept(prompt, text, reference)
 
 
 def decoded_stream(config, cfg, params, tokenizer, records: list[dict],
@@ -302,6 +296,7 @@ def summarize(records: list[dict], skipped: Counter, skipped_ids: dict) -> dict:
 
 def rewrite(config: Any) -> dict:
     """Rewrites every record not yet in the output; returns the summary."""
+    config = stages.finalize(config)
     if not config.workdir:
         raise UserError("--config.workdir is required (the output path may use {workdir})")
     if config.rewrite.mode not in MODES:
@@ -310,11 +305,11 @@ def rewrite(config: Any) -> dict:
     if not config.rewrite.input:
         raise UserError("--config.rewrite.input is required: the (prompt, reference) records")
     mesh = sharding.make_mesh(config.mesh.shape)
-    output_path = Path(stages.workdir_path(config, config.rewrite.output)).expanduser()
+    output_path = Path(config.rewrite.output)
     primary = jax.process_index() == 0
     check_appendable(output_path, fingerprint(config))  # fail fast, before loading anything
     records = data.load_records(
-        stages.workdir_path(config, config.rewrite.input), config.rewrite.split,
+        config.rewrite.input, config.rewrite.split,
         config.rewrite.fields, target="reference",
         generated_examples=config.rewrite.generated_examples, seed=config.seed,
         fields_flag="--config.rewrite.fields")

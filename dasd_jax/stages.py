@@ -24,9 +24,10 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. conf
                                          lock_config=True)
 
 
-def run(stage: Callable[[Any], object]) -> None:
+def run(stage: Callable[[Any], object], finalize_config: bool = True) -> None:
     """`app.run` for a stage's `stage(config)`: bad input (flags, the config file, any field's
-    value) prints one line and exits 2 before any work starts."""
+    value) prints one line and exits 2 before any work starts. The stage gets the finalized
+    config (`finalize`), or with finalize_config=False the validated one as given."""
 
     @exit_on_user_error
     def main(argv) -> None:
@@ -36,9 +37,13 @@ def run(stage: Callable[[Any], object]) -> None:
             absl_logging.set_verbosity(absl_logging.WARNING)
         if CONFIG.value is None:
             raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
-        validation.validate(CONFIG.value)
-        initialize_distributed(CONFIG.value)
-        stage(CONFIG.value)
+        config = CONFIG.value
+        if finalize_config:
+            config = finalize(config)
+        else:
+            validation.validate(config)
+        initialize_distributed(config)
+        stage(config)
 
     app.run(main, flags_parser=parse_flags)
 
@@ -127,9 +132,32 @@ def initialize_distributed(config: Any) -> None:
         jax.distributed.initialize(initialization_timeout=settings.initialization_timeout)
 
 
-def workdir_path(config: Any, path: str) -> str:
-    """`path` with "{workdir}" replaced by config.workdir."""
-    return path.replace("{workdir}", str(config.workdir)) if path else path
+PATH_FIELDS = ("data.path", "data.eval_path", "rewrite.input", "rewrite.output",
+               "eval.checkpoint", "eval.baseline", "eval.predictions", "eval.output",
+               "analyze.sources", "analyze.output", "demo.cache_dir")
+
+
+def finalize(config: Any) -> Any:
+    """The config a stage runs on: every field validated (`validation.validate`), "{workdir}" in
+    every path field (PATH_FIELDS and eval.paths.*) replaced by the workdir, and a leading "~"
+    expanded. A copy; finalizing twice changes nothing."""
+    validation.validate(config)
+    config = config.copy_and_resolve_references()
+    workdir = os.path.expanduser(str(config.workdir)) if config.workdir else ""
+    config.workdir = workdir
+
+    def resolved(value: str) -> str:
+        value = value.replace("{workdir}", workdir)
+        return os.path.expanduser(value) if value.startswith("~") else value
+
+    for dotted in PATH_FIELDS:
+        section, name = dotted.split(".")
+        if section in config and isinstance(config[section].get(name), str):
+            config[section][name] = resolved(config[section][name])
+    if "eval" in config:
+        for task, path in config.eval.paths.items():
+            config.eval.paths[task] = resolved(path or "")
+    return config
 
 
 def load_model(config: Any, mesh):
@@ -151,13 +179,13 @@ def load_model(config: Any, mesh):
 
 def random_tokenizer(config: Any):
     """The tokenizer of a random model (`model.path` ""): `model.random_tokenizer` "characters",
-    or "demo_world" (characters plus the demo world's words and numbers as single tokens)."""
+    or "synthetic" (characters plus the synthetic world's words and numbers as single tokens)."""
     kind = config.model.random_tokenizer
     if kind == "characters":
         return char_tokenizer.build()
-    if kind == "demo_world":
-        return char_tokenizer.build(words=synthetic.vocabulary_words(), numbers=True)
-    raise UserError(f"--config.model.random_tokenizer={kind!r}: choose characters or demo_world")
+    if kind == "synthetic":
+        return synthetic.tokenizer()
+    raise UserError(f"--config.model.random_tokenizer={kind!r}: choose characters or synthetic")
 
 
 def random_model_config(config: Any, tokenizer) -> model.ModelConfig:

@@ -91,7 +91,7 @@ def trainee_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
                        **lora.model_fields(config.lora))
 
 
-def base_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
+def frozen_base_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig:
     """The frozen base's ModelConfig, no remat, computed in `train.base_dtype`: a copy stored in
     that dtype, or with LoRA the trainee's own weights (stored in `model.param_dtype`, cast per
     operation) with the adapters off."""
@@ -184,7 +184,7 @@ def _loss_and_metrics_fn(config: Any, cfg: model.ModelConfig):
     """The step's two halves: `signals_and_weights(params, base_params, micro, rng)` over the
     whole batch, and `micro_loss(params, micro, weights, normalizer, base_params, dropout_rng)`
     of one micro-batch, differentiable in `params` (the trainable ones)."""
-    base_cfg = base_config(config, cfg)
+    base_cfg = frozen_base_config(config, cfg)
     rule = config.selection.rule
 
     def signals_and_weights(params, base_params, micro, rng):
@@ -374,7 +374,7 @@ def setup(config: Any, cfg: model.ModelConfig, mesh) -> StepSetup:
     """The StepSetup of a run: `cfg` is the loaded model's ModelConfig (as `hf.load` gives it)."""
     config = with_rho(config)
     selection.validate(config.selection)
-    trainee, base = trainee_config(config, cfg), base_config(config, cfg)
+    trainee, base = trainee_config(config, cfg), frozen_base_config(config, cfg)
     rules = config.mesh.rules
     optimizer = make_optimizer(config.train)
     if uses_lora(config):

@@ -34,13 +34,13 @@ LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift"
 
 
 def load_examples(config: Any, tokenizer, *, evaluation: bool, stop_ids=()):
-    path = stages.workdir_path(config, config.data.eval_path if evaluation else config.data.path)
+    path = config.data.eval_path if evaluation else config.data.path
     target = config.data.eval_target if evaluation else config.data.target
     if not path:
         if evaluation:
             return None
         raise UserError("--config.data.path is required (a JSONL file, a save_to_disk dataset, "
-                        "hf:NAME[:CONFIG] or 'generated')")
+                        "hf:NAME[:CONFIG] or 'synthetic')")
     records = data.load_records(
         path, config.data.eval_split if evaluation else config.data.split, config.data.fields,
         generated_examples=(config.data.generated_eval_examples if evaluation
@@ -193,9 +193,10 @@ def held_out_loss(config, run: step.StepSetup, state, base_params, examples) -> 
 
 def train(config: Any) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics."""
+    config = stages.finalize(config)
     validate(config)
     config = step.with_rho(config, rewrite.recorded_alpha(
-        stages.workdir_path(config, config.data.path)))
+        config.data.path))
     mesh = sharding.make_mesh(config.mesh.shape)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch, remainder = divmod(config.train.batch_size, config.train.micro_batches)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from dasd_jax import model, selection
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers
+from dasd_jax.tasks import registry
 
 DTYPES = ("float32", "bfloat16", "float16")
 Rule = Callable[[Any], str | None]  # value -> what is wrong with it, or None
@@ -89,14 +89,15 @@ FIELDS: dict[str, Rule] = {
     "model.path": text, "model.param_dtype": one_of(*DTYPES),
     "model.compute_dtype": one_of(*DTYPES), "model.remat_policy": one_of(*model.REMAT_POLICIES),
     "model.attention_impl": one_of(*model.ATTENTION_IMPLS),
-    "model.random_tokenizer": one_of("characters", "demo_world"),
+    "model.random_tokenizer": one_of("characters", "synthetic"),
     "mesh.shape": mesh_shape,
     "data.split": text, "data.eval_path": text, "data.target": one_of("response", "reference"),
     "data.eval_target": one_of("response", "reference"), "data.generated_examples": POSITIVE,
     "data.generated_eval_examples": POSITIVE, "data.max_seq_len": POSITIVE,
     "data.buckets": buckets, "data.overlong": one_of("truncate", "drop"),
     "data.group_by_length": POSITIVE, "data.chat_template": boolean,
-    "rewrite.mode": one_of("sdft", "dasd"), "rewrite.task": one_of(*answers.TASKS), "rewrite.alpha": within(0.0, 1.0, low_open=True),
+    "rewrite.mode": one_of("sdft", "dasd"), "rewrite.task": one_of(*registry.rewrite_families()),
+    "rewrite.alpha": within(0.0, 1.0, low_open=True),
     "rewrite.candidate_top_k": COUNT, "rewrite.temperature": at_least(0.0),
     "rewrite.top_k": COUNT, "rewrite.top_p": within(0.0, 1.0, low_open=True),
     "rewrite.min_p": within(0.0, 1.0, high_open=True), "rewrite.max_new_tokens": POSITIVE,

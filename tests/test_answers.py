@@ -40,7 +40,12 @@ def test_template_phrases_are_caught():
     assert answers.leaked_phrase("48 + 24 = 72. The answer is 72.") is None
 
 
-def test_every_task_has_a_rewrite_template_with_both_fields():
-    for task in answers.TASKS:
-        text = answers.REWRITE_TEMPLATES[task].format(prompt="P?", reference="R.")
+def test_every_rewrite_family_has_a_template_with_both_fields_and_an_acceptance_check():
+    from dasd_jax.tasks import registry
+    families = registry.rewrite_families()
+    assert set(families) == set(answers.FAMILIES)
+    for family in families.values():
+        text = family.template.format(prompt="P?", reference="R.")
         assert "P?" in text and "R." in text
+    assert families["math"].accept("Q", "The answer is 7.", "#### 7") is None
+    assert families["math"].accept("Q", "The answer is 8.", "#### 7") == "wrong_answer"

@@ -18,7 +18,7 @@ def test_the_default_tokenizer_has_one_token_per_character():
     assert pieces(tokenizer, "add 12.") == list("add 12.")
 
 
-def test_demo_world_words_and_numbers_are_single_tokens_and_other_text_falls_back_to_characters():
+def test_synthetic_world_words_and_numbers_are_single_tokens_and_other_text_falls_back_to_characters():
     tokenizer = char_tokenizer.build(words=synthetic.vocabulary_words(), numbers=True)
     assert pieces(tokenizer, "Adding 7 to 86 gives 93.") == [
         "Adding", " 7", " to", " 86", " gives", " 93", "."]
@@ -49,7 +49,7 @@ def test_words_must_be_letters():
 def test_a_random_model_tokenizer_is_chosen_by_config_and_a_bad_choice_names_the_flag():
     config = config_defaults.base_config()
     assert len(stages.random_tokenizer(config)) == len(char_tokenizer.build())
-    config.model.random_tokenizer = "demo_world"
+    config.model.random_tokenizer = "synthetic"
     assert stages.random_tokenizer(config).convert_ids_to_tokens(
         stages.random_tokenizer(config)("start 12")["input_ids"]) == ["start", " 12"]
     config.model.random_tokenizer = "bpe"

@@ -90,3 +90,21 @@ def test_fields_that_only_make_sense_together_are_checked_together():
     config.selection.update(tau_min=0.6, tau_max=0.5)
     with pytest.raises(UserError, match="tau_min=0.6 must not exceed"):
         validation.validate(config)
+
+
+def test_the_config_is_finalized_once_paths_resolved_and_fields_checked():
+    config = math_config.get_config()
+    config.workdir = "~/runs/math"
+    config.eval.paths.humaneval = "{workdir}/he.jsonl"
+    final = stages.finalize(config)
+    home = str(Path.home())
+    assert final.workdir == f"{home}/runs/math"
+    assert final.data.path == f"{home}/runs/math/rewrites.jsonl"
+    assert final.rewrite.output == final.data.path and final.eval.output == f"{home}/runs/math/eval"
+    assert final.eval.paths.humaneval == f"{home}/runs/math/he.jsonl"
+    assert final.eval.paths.gsm8k == "hf:openai/gsm8k:main" and final.eval.baseline == "base"
+    assert stages.finalize(final).to_dict() == final.to_dict()
+    assert config.data.path == "{workdir}/rewrites.jsonl"  # the given config is left as it was
+    config.train.steps = -3
+    with pytest.raises(UserError, match=r"--config.train.steps=-3"):
+        stages.finalize(config)

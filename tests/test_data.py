@@ -303,14 +303,14 @@ def test_generated_records_are_deterministic_worked_arithmetic_problems():
             assert result >= 0
 
 
-def test_generated_path_loads_synthetic_records_as_references(tokenizer):
-    records = data.load_records("generated", "train", None, target="reference",
+def test_the_synthetic_path_loads_generated_records_as_references(tokenizer):
+    records = data.load_records("synthetic", "train", None, target="reference",
                                 generated_examples=5, seed=3)
     assert records == synthetic.generate_records(5, seed=3)
     examples, _ = data.tokenize(records, tokenizer, data_config(target="reference"))
     assert len(examples) == 5
     with pytest.raises(UserError, match=r"--config.data.target=reference"):
-        data.load_records("generated", "train", None, generated_examples=5)
+        data.load_records("synthetic", "train", None, generated_examples=5)
 
 
 def test_shared_gsm8k_loads_with_a_field_mapping_and_tokenizes(tokenizer):

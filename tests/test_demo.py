@@ -18,7 +18,7 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
 
     assert set(table["results"]) == {"base", *demo.METHODS, "DASD gamma=1"}
     for name, scores in table["results"].items():
-        assert 0 <= scores["demo_hard"] <= 1 and 0 <= scores["demo_easy"] <= 1, name
+        assert 0 <= scores["hard"] <= 1 and 0 <= scores["easy"] <= 1, name
     results = table["results"]
     assert results["SFT"]["kept_ratio"] == results["co-decoding"]["kept_ratio"] == 1.0
     assert results["SFT"]["kept_high_ppl"] == table["high_ppl_10"]["references"]
@@ -26,7 +26,7 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
     assert results["random"]["kept_ratio"] == pytest.approx(results["DASD"]["kept_ratio"])
     assert results["PPL filter"]["kept_ratio"] <= results["DASD"]["kept_ratio"]
     assert results["PPL filter"]["kept_high_ppl"] == 0.0
-    assert 0 <= results["DASD"]["demo_hard_unfinished"] <= 1
+    assert 0 <= results["DASD"]["hard_unfinished"] <= 1
     assert set(table["high_ppl_10"]) == {"references", "sdft", "dasd"}
     assert set(table["categories"]["dasd"]) == {"aligned", "correction", "drift", "structural"}
     assert set(table["seconds"]) == {"pretrain", "rewrite", "evaluate", "finetune", "analyze"}
@@ -45,7 +45,7 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
 def test_the_gpu_variant_runs_the_same_pipeline_on_a_larger_base():
     config = demo_config.get_config("gpu")
     cfg = stages.model_config_only(config)
-    assert config.model.random_tokenizer == "demo_world"
+    assert config.model.random_tokenizer == "synthetic"
     assert cfg.num_layers == 8 and cfg.num_params > 20 * stages.model_config_only(
         demo_config.get_config()).num_params
 

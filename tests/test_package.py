@@ -47,3 +47,14 @@ def test_no_module_of_the_package_imports_itself_through_others():
         if module not in done:
             visit(module, [module])
     assert cycles == []
+
+
+def test_every_benchmark_is_one_registered_task_found_in_its_own_module():
+    from dasd_jax.tasks import registry
+    tasks = registry.eval_tasks()
+    assert {"gsm8k", "math500", "humaneval", "mbpp", "arc_challenge", "winogrande", "synthetic",
+            "synthetic_easy", "synthetic_hard"} <= set(tasks)
+    for task in tasks.values():
+        assert task.choices or (task.prompt and task.grade), task.name
+    assert set(registry.rewrite_families()) == {"math", "code", "commonsense", "synthetic"}
+    assert registry.record_sources() == ("synthetic",)

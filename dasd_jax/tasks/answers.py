@@ -12,7 +12,9 @@ from __future__ import annotations
 import ast
 import re
 
-TASKS = ("math", "code", "commonsense", "synthetic")
+from dasd_jax.tasks import registry
+
+FAMILIES = ("math", "code", "commonsense", "synthetic")  # what answers_match compares
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
 
@@ -64,7 +66,7 @@ def answers_match(task: str, response: str, reference: str) -> bool:
     if task == "code":
         wanted, found = _defined_functions(program(reference)), _defined_functions(program(response))
         return wanted is not None and found is not None and wanted <= found
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    raise ValueError(f"unknown task family {task!r}; choose from {', '.join(FAMILIES)}")
 
 
 # SDFT-style answer-aware prompts: show the reference, ask for the model's own solution.
@@ -87,3 +89,13 @@ LEAK_PHRASES = ("reference solution", "reference answer", "for your reference", 
 def leaked_phrase(response: str, phrases=LEAK_PHRASES) -> str | None:
     lowered = response.lower()
     return next((phrase for phrase in phrases if phrase in lowered), None)
+
+
+def _accepts(family: str):
+    def accept(prompt: str, text: str, reference: str) -> str | None:
+        return None if answers_match(family, text, reference) else "wrong_answer"
+    return accept
+
+
+REWRITE_FAMILIES = [registry.RewriteFamily(name, REWRITE_TEMPLATES[name], _accepts(name))
+                    for name in ("math", "code", "commonsense")]

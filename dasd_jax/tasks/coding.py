@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers, harness, sandbox
+from dasd_jax.tasks import answers, harness, registry, sandbox
 
 HARNESS_SOURCE = Path(harness.__file__).read_text(encoding="utf-8")
 
@@ -264,3 +264,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _task(family: str, loader) -> registry.EvalTask:
+    def grade(item: dict, completion: str) -> dict:
+        result = score(item, completion, family)
+        return {"correct": bool(result["passed"]), "status": result["status"],
+                "reason": result["reason"]}
+
+    return registry.EvalTask(
+        family, load=lambda path, split, limit, seed: loader(path)[:limit or None],
+        prompt=lambda item: prompt_text(item, family), grade=grade)
+
+
+EVAL_TASKS = [_task("humaneval", load_humaneval), _task("mbpp", load_mbpp)]

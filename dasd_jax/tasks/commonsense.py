@@ -45,6 +45,7 @@ import numpy as np
 
 from dasd_jax import data
 from dasd_jax.errors import UserError
+from dasd_jax.tasks import registry
 
 TASKS = ("commonsenseqa", "arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "siqa",
          "winogrande")
@@ -183,7 +184,7 @@ def _local_file(task: str, path: Path, split: str) -> Path:
 
 
 def _file_rows(task: str, file: Path) -> Iterator[tuple[str, dict]]:
-    rows = _tsv_rows(file) if file.suffix == ".tsv" else data._jsonl_rows(file)
+    rows = _tsv_rows(file) if file.suffix == ".tsv" else data.jsonl_rows(file)
     if task in ("piqa", "siqa"):
         rows = _with_labels_file(rows, file)
     yield from rows
@@ -381,3 +382,12 @@ def _winogrande(row: dict) -> tuple:
 _PARSERS = {"commonsenseqa": _question_answer, "arc_easy": _question_answer,
             "arc_challenge": _question_answer, "openbookqa": _openbookqa, "boolq": _boolq,
             "piqa": _piqa, "siqa": _siqa, "winogrande": _winogrande}
+
+
+def _task(name: str) -> registry.EvalTask:
+    return registry.EvalTask(
+        name, load=lambda path, split, limit, seed: load(name, path, default_split(name), limit),
+        choices=True)
+
+
+EVAL_TASKS = [_task(name) for name in TASKS]

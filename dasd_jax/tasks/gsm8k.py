@@ -22,7 +22,7 @@ from typing import Iterator
 
 from dasd_jax import data
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import answers
+from dasd_jax.tasks import answers, registry
 
 FIELDS = ("question", "answer")
 MAX_STEPS_GROUP = 8  # difficulty groups: steps=1, steps=2, ..., steps>=8
@@ -118,3 +118,12 @@ def difficulty(item: dict) -> str:
     """"steps=N" for the item's number of solution steps, one group for 8 and more."""
     steps = item["steps"]
     return f"steps>={MAX_STEPS_GROUP}" if steps >= MAX_STEPS_GROUP else f"steps={steps}"
+
+
+def _grade(item: dict, completion: str) -> dict:
+    return {"correct": is_correct(completion, item), "prediction": extract_answer(completion)}
+
+
+EVAL_TASKS = [registry.EvalTask(
+    "gsm8k", load=lambda path, split, limit, seed: load(path, split, limit), prompt=prompt_text,
+    grade=_grade, difficulty=difficulty)]

@@ -31,6 +31,7 @@ from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
 from dasd_jax.errors import UserError
+from dasd_jax.tasks import registry
 from dasd_jax.tasks.gsm8k import required_fields, rows
 
 FIELDS = ("problem", "solution")
@@ -115,3 +116,12 @@ def difficulty(item: dict) -> str:
 
 def subject(item: dict) -> str:
     return item["subject"]
+
+
+def _grade(item: dict, completion: str) -> dict:
+    return {"correct": is_correct(completion, item), "prediction": last_boxed(completion)}
+
+
+EVAL_TASKS = [registry.EvalTask(
+    "math500", load=lambda path, split, limit, seed: load(path, split, limit), prompt=prompt_text,
+    grade=_grade, difficulty=difficulty)]

@@ -59,7 +59,7 @@ solution is at most 254 characters, so it always fits a 256-token window even ch
 character; the demo's window is 96 tokens.
 
 `generate_records(n, seed)` is the older, smaller world of the tiny configs (`data.path =
-"generated"`, the evaluate task "synthetic" and the embedded checkpoint): unchanged, see
+"synthetic"`, the evaluate task "synthetic" and the embedded checkpoint): unchanged, see
 `generate_record`.
 """
 
@@ -70,6 +70,7 @@ import random
 import re
 from typing import NamedTuple
 
+from dasd_jax.tasks import answers, registry
 from dasd_jax.tasks.answers import REWRITE_TEMPLATES
 
 
@@ -180,6 +181,14 @@ _MIDDLE = ("Then ", "Next, ")
 _LAST = ("Finally, ", "Then ")
 _CLOSINGS = ("So the result is {v}.", "The final value is {v}.", "Hence we end with {v}.",
              "Result: {v}")
+
+
+def tokenizer():
+    """The world's tokenizer: characters, plus its words and the numbers 0-999 as single
+    tokens (`char_tokenizer.build`)."""
+    from dasd_jax import char_tokenizer
+
+    return char_tokenizer.build(words=vocabulary_words(), numbers=True)
 
 
 def vocabulary_words() -> list[str]:
@@ -325,7 +334,7 @@ def generate_record(rng: random.Random) -> dict:
     {'prompt': 'Start with 4, subtract 2, then add 5. What is the result?',
      'reference': 'Start with 4. 4 - 2 = 2. 2 + 5 = 7. The answer is 7.', 'answer': 7}.
     1-4 steps of add / subtract / multiply on a start of 1-9, never below zero; the reference (the
-    training target of `data.path = "generated"`) has one sentence per step, ending "The answer is
+    training target of `data.path = "synthetic"`) has one sentence per step, ending "The answer is
     N." The embedded checkpoint and the tests of data/evaluate/rewrite rely on this exact stream."""
     start = value = rng.randint(1, 9)
     instructions, lines = [], [f"Start with {start}."]
@@ -348,3 +357,42 @@ def generate_records(n: int, seed: int) -> list[dict]:
     """`n` problems of the tiny configs' world, deterministic given `seed`."""
     rng = random.Random(seed)
     return [generate_record(rng) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- the stages' view
+
+
+def _grade(item: dict, completion: str) -> dict:
+    predicted = answers.final_number(completion)
+    return {"correct": predicted == item["answer"], "prediction": predicted}
+
+
+def _steps(item: dict) -> str:
+    return f"steps={item['reference'].count('=')}"
+
+
+def _tiny_items(path, split, limit, seed) -> list[dict]:
+    return [{"id": str(i), **r} for i, r in enumerate(generate_records(limit or 200, seed + 2))]
+
+
+def _held_out(difficulty: str) -> registry.EvalTask:
+    return registry.EvalTask(
+        f"synthetic_{difficulty}", needs_path=False, prompt=lambda item: item["prompt"],
+        load=lambda path, split, limit, seed: eval_records(limit or 200, seed, difficulty),
+        grade=_grade, difficulty=_steps)
+
+
+def _accept(prompt: str, text: str, reference: str) -> str | None:
+    """Right final answer, and (for the demo world's problems) every step right."""
+    if not answers.answers_match("synthetic", text, reference):
+        return "wrong_answer"
+    return "wrong_steps" if trace_is_exact(prompt, text) is False else None
+
+
+# "synthetic": the tiny world's records and task; "synthetic_easy" / "synthetic_hard": the demo
+# world's held-out problems.
+EVAL_TASKS = [registry.EvalTask("synthetic", load=_tiny_items, prompt=lambda item: item["prompt"],
+                                grade=_grade, difficulty=_steps, needs_path=False),
+              _held_out("easy"), _held_out("hard")]
+REWRITE_FAMILIES = [registry.RewriteFamily("synthetic", REWRITE_TEMPLATES["synthetic"], _accept)]
+RECORD_SOURCES = {"synthetic": generate_records}
