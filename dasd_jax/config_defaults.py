@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.rewrite.mode = "dasd"  # sdft (decode from the reference context) | dasd (co-decoding)
     config.rewrite.alpha = 0.1  # candidates: πref(v) >= alpha * max πref
     config.rewrite.candidate_top_k = 8  # at most this many candidates (0 = no cap)
+    # When the reference's top token is at least this likely, it is the only candidate
+    # (1.0 = never): candidates adapt to how sharp the reference is.
+    config.rewrite.sure_reference = 1.0
     config.rewrite.temperature = 0.0  # 0 = greedy (dasd: the base's most confident candidate)
     config.rewrite.top_k = 0
     config.rewrite.top_p = 1.0

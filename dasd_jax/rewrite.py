@@ -50,8 +50,10 @@ def fingerprint(config: Any) -> dict:
                                        "seed": config.seed},
         "input": rewrite.input, "split": rewrite.split, "fields": rewrite.fields.to_dict(),
         "task": rewrite.task, "template": template(config), "mode": rewrite.mode,
+        # sure_reference joins the fingerprint only when set, so older files still match
         "sampling": {k: rewrite[k] for k in ("alpha", "candidate_top_k", "temperature", "top_k",
-                                             "top_p", "min_p", "max_new_tokens")},
+                                             "top_p", "min_p", "max_new_tokens")}
+        | ({"sure_reference": rewrite.sure_reference} if rewrite.sure_reference < 1.0 else {}),
         "prompts": {k: config.data[k] for k in ("chat_template", "system_prompt", "prompt_format")},
     }
 
@@ -150,7 +152,7 @@ def settings_from(config: Any, cfg, tokenizer) -> sampling.Settings:
         top_k=rewrite.top_k, top_p=rewrite.top_p, min_p=rewrite.min_p,
         eos_ids=sampling.stop_ids(cfg, tokenizer),
         alpha=rewrite.alpha, candidate_top_k=rewrite.candidate_top_k,
-        prompt_buckets=tuple(rewrite.prompt_buckets),
+        sure_reference=rewrite.sure_reference, prompt_buckets=tuple(rewrite.prompt_buckets),
     )
 
 

@@ -38,6 +38,8 @@ class Settings:
     """How to pick tokens. temperature 0 = greedy; top_k 0 / top_p 1 / min_p 0 = no filter.
 
     alpha, candidate_top_k: co-decoding's candidate set (min-p ratio and cap; 0 = no cap).
+    sure_reference: when the reference's top token has at least this probability, it is the
+    only candidate (1.0 = never): a threshold that adapts to how sharp the reference is.
     """
 
     max_new_tokens: int = 256
@@ -48,6 +50,7 @@ class Settings:
     eos_ids: tuple[int, ...] = ()
     alpha: float = 0.1
     candidate_top_k: int = 8
+    sure_reference: float = 1.0
     prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
 
 
@@ -121,8 +124,9 @@ def _codecode_step(logits: Array, rng: Array, settings: Settings):
     """Rows [0, B) are reference contexts, [B, 2B) base contexts of the same examples."""
     ref_logits, base_logits = jnp.split(logits.astype(jnp.float32), 2)
     ref_log_probs, base_log_probs = jax.nn.log_softmax(ref_logits), jax.nn.log_softmax(base_logits)
-    floor = jnp.max(ref_log_probs, -1, keepdims=True) + jnp.log(settings.alpha)
-    candidates = ref_log_probs >= floor
+    top = jnp.max(ref_log_probs, -1, keepdims=True)
+    alpha = jnp.where(top >= jnp.log(settings.sure_reference), 1.0, settings.alpha)
+    candidates = ref_log_probs >= top + jnp.log(alpha)
     if settings.candidate_top_k:
         kth = jax.lax.top_k(ref_log_probs, settings.candidate_top_k)[0][:, -1:]
         candidates &= ref_log_probs >= kth

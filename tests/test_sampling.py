@@ -1,5 +1,7 @@
 """KV-cache decoding equals transformers' generate, batching changes nothing, co-decoding's limits."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,19 @@ def test_continuous_batching_refills_finished_rows_and_changes_no_result(qwen3):
     for index, expected in enumerate(at_once):
         assert streamed[index].tokens == expected.tokens
         assert streamed[index].n_candidates == expected.n_candidates
+
+
+def test_a_sure_reference_is_the_only_candidate(qwen3):
+    cfg, params = qwen3
+    references, bases = prompts_for(0), prompts_for(100)
+    loose = sampling.Settings(max_new_tokens=NEW, alpha=0.01, candidate_top_k=0)
+    sure = dataclasses.replace(loose, sure_reference=0.065)  # about the median top-1 here
+    wide = sampling.codecode(cfg, params, references, bases, loose)
+    narrow = sampling.codecode(cfg, params, references, bases, sure)
+    assert max(max(r.n_candidates) for r in wide) > 1
+    sure_steps = 0
+    for result in narrow:  # the steps where the reference is that sure have one candidate
+        for count, top in zip(result.n_candidates, result.ref_top1):
+            assert count == 1 or np.exp(top) < 0.065
+            sure_steps += bool(np.exp(top) >= 0.065)
+    assert 0 < sure_steps < sum(len(r.tokens) for r in narrow)
