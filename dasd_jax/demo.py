@@ -29,6 +29,7 @@ from typing import Any
 import jax
 
 from dasd_jax import analyze, atomic, evaluate, rewrite, stages, train, validation
+from dasd_jax.pipeline import stage_config, training_means, write_jsonl
 from dasd_jax.tasks import synthetic
 
 DASD_FILE, SDFT_FILE = "rewrites_dasd.jsonl", "rewrites_sdft.jsonl"
@@ -44,23 +45,6 @@ METHODS = {  # name: (rule, training file, target, selection overrides)
     "PPL filter": ("ppl_filter", DASD_FILE, "response", {}),
     "random": ("random", DASD_FILE, "response", {}),
 }
-LOGGED = ("kept_ratio", "kept_high_ppl", "aligned", "correction", "drift", "structural")
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
-def _stage(config: Any, workdir: Path, **sections: dict) -> Any:
-    """A copy of `config` for one stage: its own workdir and the given section overrides."""
-    stage = config.copy_and_resolve_references()
-    stage.workdir = str(workdir)
-    stage.metrics.progress_bar = False
-    for section, values in sections.items():
-        stage[section].update(values)
-    return stage
 
 
 def cache_key(config: Any, records: list[dict]) -> str:
@@ -86,15 +70,16 @@ def pretrained_base(config: Any, log) -> Path:
         return cached
     workdir = Path(config.workdir) / "pretrain"
     shutil.rmtree(workdir, ignore_errors=True)
-    data = _write_jsonl(workdir / "pretraining.jsonl", records)
-    stage = _stage(config, workdir,
-                   data=dict(path=str(data), target="reference", eval_path=""),
-                   train=dict(steps=demo.pretrain_steps, batch_size=demo.pretrain_batch_size,
-                              learning_rate=demo.pretrain_learning_rate,
-                              warmup_steps=max(1, demo.pretrain_steps // 20),
-                              log_every=max(1, demo.pretrain_steps // 10)),
-                   selection=dict(rule="all"),
-                   checkpoint=dict(every=demo.pretrain_steps, export=True))
+    data = write_jsonl(workdir / "pretraining.jsonl", records)
+    stage = stage_config(config, workdir,
+                         data=dict(path=str(data), target="reference", eval_path=""),
+                         train=dict(steps=demo.pretrain_steps,
+                                    batch_size=demo.pretrain_batch_size,
+                                    learning_rate=demo.pretrain_learning_rate,
+                                    warmup_steps=max(1, demo.pretrain_steps // 20),
+                                    log_every=max(1, demo.pretrain_steps // 10)),
+                         selection=dict(rule="all"),
+                         checkpoint=dict(every=demo.pretrain_steps, export=True))
     train.train(stage)
     if jax.process_index() == 0:
         partial = cached.with_name(cached.name + ".partial")
@@ -122,13 +107,13 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     on_base = dict(path=str(base))
 
     started = time.perf_counter()
-    finetune = _write_jsonl(workdir / "finetune.jsonl",
-                            synthetic.finetune_records(demo.finetune_examples, config.seed))
+    finetune = write_jsonl(workdir / "finetune.jsonl",
+                           synthetic.finetune_records(demo.finetune_examples, config.seed))
     rewrite_summaries = {}
     for mode in ("sdft", "dasd"):
-        stage = _stage(config, workdir, model=on_base,
-                       rewrite=dict(input=str(finetune), task="synthetic", mode=mode,
-                                    output=str(workdir / f"rewrites_{mode}.jsonl")))
+        stage = stage_config(config, workdir, model=on_base,
+                             rewrite=dict(input=str(finetune), task="synthetic", mode=mode,
+                                          output=str(workdir / f"rewrites_{mode}.jsonl")))
         stage.rewrite.fields.update(prompt="prompt", reference="reference")
         rewrite_summaries[mode] = rewrite.rewrite(stage)
     timings["rewrite"] = time.perf_counter() - started
@@ -137,8 +122,8 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
                       limit=demo.eval_examples, baseline="", max_new_tokens=32)
     results = {}
     started = time.perf_counter()
-    base_eval = evaluate.evaluate(_stage(config, workdir / "base", model=on_base,
-                                         eval=dict(evaluation, checkpoint="base")))
+    base_eval = evaluate.evaluate(stage_config(config, workdir / "base", model=on_base,
+                                               eval=dict(evaluation, checkpoint="base")))
     results["base"] = _scores(base_eval)
     timings["evaluate"] = time.perf_counter() - started
     timings["finetune"] = 0.0
@@ -146,13 +131,13 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
                                                             **(extra_methods or {})}.items():
         run_dir = workdir / name.lower().replace(" ", "_").replace("=", "")
         shutil.rmtree(run_dir, ignore_errors=True)
-        stage = _stage(config, run_dir, model=on_base,
-                       data=dict(path=str(workdir / training_file), target=target, eval_path=""),
-                       train=dict(steps=demo.finetune_steps, learning_rate=demo.finetune_learning_rate,
-                                  warmup_steps=max(1, demo.finetune_steps // 10),
-                                  log_every=max(1, demo.finetune_steps // 4)),
-                       selection=dict(selection, rule=rule),
-                       eval=dict(evaluation, checkpoint="{workdir}/hf"))
+        stage = stage_config(
+            config, run_dir, model=on_base,
+            data=dict(path=str(workdir / training_file), target=target, eval_path=""),
+            train=dict(steps=demo.finetune_steps, learning_rate=demo.finetune_learning_rate,
+                       warmup_steps=max(1, demo.finetune_steps // 10),
+                       log_every=max(1, demo.finetune_steps // 4)),
+            selection=dict(selection, rule=rule), eval=dict(evaluation, checkpoint="{workdir}/hf"))
         started = time.perf_counter()
         train.train(stage)
         timings["finetune"] += time.perf_counter() - started
@@ -163,8 +148,9 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     started = time.perf_counter()
     sources = (f"references={workdir}/{DASD_FILE}@reference,"
                f"sdft={workdir}/{SDFT_FILE},dasd={workdir}/{DASD_FILE}")
-    analysis = analyze.analyze(_stage(config, workdir, model=on_base,
-                                      analyze=dict(sources=sources, output=str(workdir / "analysis"))))
+    analysis = analyze.analyze(stage_config(
+        config, workdir, model=on_base,
+        analyze=dict(sources=sources, output=str(workdir / "analysis"))))
     timings["analyze"] = time.perf_counter() - started
     source_of = {DASD_FILE: "dasd", SDFT_FILE: "sdft"}
     for name, (rule, training_file, target, _) in {**METHODS, **(extra_methods or {})}.items():
@@ -197,14 +183,6 @@ def _scores(summary: dict) -> dict[str, float]:
         level = task.removeprefix("synthetic_")
         scores[level], scores[f"{level}_unfinished"] = numbers["accuracy"], numbers["unfinished"]
     return scores
-
-
-def training_means(run_dir: Path) -> dict[str, float]:
-    """Means over a training run's logged windows (each the mean of its steps) of `LOGGED`."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line.strip()]
-    return {name: sum(line[name] for line in lines) / len(lines) for name in LOGGED
-            if lines and all(name in line for line in lines)}
 
 
 def format_table(table: dict) -> str:
