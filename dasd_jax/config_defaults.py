@@ -116,8 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.loss_chunk = 512  # tokens per chunk of the vocabulary projection
     config.train.base_dtype = "bfloat16"  # dtype of the frozen base copy and its forward
     # model: run the frozen base forward in the step; cached: read base_logprobs / base_top1
-    # from the records (written by co-decoding rewrites), no base forward at all.
-    config.train.base_confidence = "model"
+    # from the records (every rewrite line has them), no base forward at all; auto: cached
+    # when the training file was rewritten by this model and carries them, else model.
+    config.train.base_confidence = "auto"
 
     config.lora = ml_collections.ConfigDict()
     # LoRA: train low-rank adapters on frozen weights instead of every weight. The frozen

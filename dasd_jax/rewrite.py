@@ -62,6 +62,17 @@ def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
+def written_by(path: str | os.PathLike, config: Any) -> bool:
+    """Whether the rewrite file at `path` was written by the model `config` loads (its
+    .meta.json), so that the base signals it recorded are this model's."""
+    meta = meta_path(Path(path).expanduser())
+    try:
+        recorded = json.loads(meta.read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == fingerprint(config)["model"]
+
+
 def recorded_alpha(path: str | os.PathLike) -> float | None:
     """The co-decoding alpha a rewrite file was written with (its .meta.json), or None."""
     meta = meta_path(Path(path).expanduser())

@@ -104,8 +104,9 @@ def frozen_base_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig
 
 
 def uses_base_model(config: Any) -> bool:
-    """Whether the step runs the frozen base forward."""
-    return config.train.base_confidence == "model" and "base" in selection.needs(
+    """Whether the step runs the frozen base forward (train.base_confidence "auto" counts as
+    "model" until the trainer has decided it)."""
+    return config.train.base_confidence != "cached" and "base" in selection.needs(
         config.selection.rule, config.selection)
 
 

@@ -60,12 +60,28 @@ def load_examples(config: Any, tokenizer, *, evaluation: bool, stop_ids=()):
     return examples
 
 
+def resolve_base_confidence(config: Any, examples, eval_examples) -> Any:
+    """`config` with train.base_confidence "auto" decided: "cached" (the step reads the base
+    signals the rewrite recorded and runs no base forward) when the training file was rewritten
+    by this very model and every example, held-out ones too, carries them on its target;
+    "model" otherwise."""
+    if config.train.base_confidence != "auto":
+        return config
+    carried = lambda found: found is None or (  # noqa: E731
+        data.has_values(found, "base_logprob") and data.has_values(found, "base_top1"))
+    cached = (config.data.target == "response" and rewrite.written_by(config.data.path, config)
+              and carried(examples) and carried(eval_examples))
+    config = config.copy_and_resolve_references()
+    config.train.base_confidence = "cached" if cached else "model"
+    absl_logging.warning("train.base_confidence=auto: %s", "the rewrite's recorded base signals"
+                         if cached else "the base forward in the step")
+    return config
+
+
 def validate(config: Any) -> None:
     if not config.workdir:
         raise UserError("--config.workdir is required: where checkpoints, metrics.jsonl and the "
                         "HF export go")
-    if config.train.base_confidence not in ("model", "cached"):
-        raise UserError("--config.train.base_confidence must be 'model' or 'cached'")
     if config.train.loss_normalization not in ("selected", "response"):
         raise UserError("--config.train.loss_normalization must be 'selected' or 'response'")
     if max(config.data.buckets) < config.data.max_seq_len:
@@ -213,6 +229,7 @@ def train(config: Any) -> dict[str, float]:
     stop_ids = sampling.stop_ids(cfg, tokenizer)
     examples = load_examples(config, tokenizer, evaluation=False, stop_ids=stop_ids)
     eval_examples = load_examples(config, tokenizer, evaluation=True, stop_ids=stop_ids)
+    config = resolve_base_confidence(config, examples, eval_examples)
 
     run = step.setup(config, cfg, mesh)
     base_params = run.base_params(params)

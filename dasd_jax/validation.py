@@ -111,7 +111,7 @@ FIELDS: dict[str, Rule] = {
     "train.b1": within(0.0, 1.0, high_open=True), "train.b2": within(0.0, 1.0, high_open=True),
     "train.eps": above(0.0), "train.grad_clip": above(0.0),
     "train.loss_normalization": one_of("selected", "response"), "train.loss_chunk": COUNT,
-    "train.base_dtype": one_of(*DTYPES), "train.base_confidence": one_of("model", "cached"),
+    "train.base_dtype": one_of(*DTYPES), "train.base_confidence": one_of("auto", "model", "cached"),
     "lora.rank": COUNT, "lora.alpha": above(0.0), "lora.dropout": within(0.0, 1.0, high_open=True),
     "lora.export_adapters": boolean,
     "selection.rule": one_of(*selection.RULES), "selection.tau": PROBABILITY, "selection.tau_quantile": optional(PROBABILITY),

@@ -156,3 +156,19 @@ def test_a_missing_input_field_names_the_flag_to_map_it(tmp_path):
     with pytest.raises(UserError, match=r"line 1: record has no field 'answer' for the reference.*"
                                         r"--config.rewrite.fields.reference=FIELD"):
         rewrite.rewrite(config)
+
+
+def test_auto_base_confidence_reads_the_signals_of_a_file_this_model_rewrote(tmp_path):
+    rewrite.rewrite(tiny_config(tmp_path, limit=4))
+    config = math_config.get_config("tiny")
+    config.workdir = str(tmp_path)
+    config.data.update(path=str(tmp_path / "rewrites.jsonl"), target="response")
+    assert config.train.base_confidence == "auto"
+    _, _, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    examples = train.load_examples(config, tokenizer, evaluation=False)
+    assert train.resolve_base_confidence(config, examples, None).train.base_confidence == "cached"
+    other = config.copy_and_resolve_references()
+    other.seed = 1  # another random model: its signals would not be this one's
+    assert train.resolve_base_confidence(other, examples, None).train.base_confidence == "model"
+    config.data.target = "reference"
+    assert train.resolve_base_confidence(config, examples, None).train.base_confidence == "model"
