@@ -228,16 +228,10 @@ def _attention_implementation(cfg: ModelConfig) -> str:
     return "cudnn" if cudnn_ok else "xla"
 
 
-def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None,
-              causal: bool = True) -> Array:
-    """GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, 1, T, S] or None.
-
-    causal=True (training, S == T): causal, sliding-window when the model has one, and `mask` on
-    top (packed segments). causal=False (KV-cache decoding): `mask` alone decides (see
-    `cache_mask`). Returns [B, T, N, H].
-    """
-    if not causal:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Causal GQA attention of a whole sequence (training, scoring). q: [B, T, N, H]; k, v:
+    [B, T, K, H]; mask: bool[B, 1, T, T] on top of causality (packed segments) or None; a
+    sliding window when the model has one. Returns [B, T, N, H]."""
     window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, local_window_size=window,
@@ -247,13 +241,16 @@ def attention(cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None
 
 # ----------------------------------------------------------------------------- KV cache
 
+DECODE_BLOCK = 64  # cache slots a decode step's attention reads at a time
+
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for decoding. Row b's tokens sit at slots 0 ...
     lengths[b] - 1 (slot = position), so rows may hold sequences of any length and a finished
     row can be refilled with another prompt (continuous batching).
 
-    keys, values: [L, B, S, K, H]; lengths: int32[B], the slots filled in each row.
+    keys, values: [L, B, K, S, H], head-major so that each head's slots are contiguous for the
+    attention products; lengths: int32[B], the slots filled in each row.
     """
 
     keys: Array
@@ -262,21 +259,82 @@ class KVCache(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    """An empty cache for `batch` rows of up to `length` tokens, in cfg.dtype."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """An empty cache for `batch` rows of up to `length` tokens, in cfg.dtype. A length that is
+    a multiple of DECODE_BLOCK lets decode steps read only the filled blocks."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
                    jnp.zeros((batch,), jnp.int32))
 
 
-def cache_mask(cfg: ModelConfig, lengths: Array, new: int, slots: int) -> Array:
+def cache_mask(cfg: ModelConfig, lengths: Array, new: int, slots: int, first_slot=0) -> Array:
     """bool[B, 1, T, S]: new token t of row b (at slot lengths[b] + t) sees the slots up to its
-    own (within the sliding window). Slots past a row's length hold nothing it can see."""
+    own (within the sliding window), for key slots first_slot ... first_slot + S - 1. Slots past
+    a row's length hold nothing it can see."""
     query_slots = lengths[:, None, None] + jnp.arange(new)[None, :, None]
-    key_slots = jnp.arange(slots)[None, None, :]
+    key_slots = first_slot + jnp.arange(slots)[None, None, :]
     allowed = key_slots <= query_slots
     if cfg.sliding_window is not None:
         allowed &= query_slots - key_slots < cfg.sliding_window
     return allowed[:, None]
+
+
+def _grouped(cfg: ModelConfig, q: Array) -> Array:
+    """q [B, T, N, H] -> [B, K, G, T, H]: the G query heads of each KV head together (head
+    n = k * G + g, as transformers' repeat_kv pairs them)."""
+    b, t, _, h = q.shape
+    k = cfg.num_kv_heads
+    return q.reshape(b, t, k, cfg.num_heads // k, h).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(out: Array) -> Array:
+    """[B, K, G, T, H] -> [B, T, N, H]."""
+    b, k, g, t, h = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
+
+
+def cached_attention(cfg: ModelConfig, q: Array, stacked_keys: Array, stacked_values: Array,
+                     layer: Array, lengths: Array) -> Array:
+    """Attention of T new tokens per row (at slots lengths[b] ...) to layer `layer` of the cache,
+    whose keys and values are already written. q: [B, T, N, H]; stacked: [L, B, K, S, H].
+
+    One new token (a decode step) reads the cache DECODE_BLOCK slots at a time, only up to the
+    longest row's block, with an online softmax: its cost follows what is filled, not the
+    cache's length. Several (a prefill, into a cache of their bucket's length) attend at once.
+    """
+    scale = 1.0 / np.sqrt(cfg.head_dim)
+    grouped = _grouped(cfg, q).astype(jnp.float32) * scale
+    slots = stacked_keys.shape[3]
+    if q.shape[1] > 1 or slots % DECODE_BLOCK:
+        keys, values = (jax.lax.dynamic_index_in_dim(stacked, layer, 0, keepdims=False)
+                        for stacked in (stacked_keys, stacked_values))
+        scores = jnp.einsum("bkgth,bksh->bkgts", grouped, keys.astype(jnp.float32))
+        mask = cache_mask(cfg, lengths, q.shape[1], slots)[:, :, None]
+        weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+        out = jnp.einsum("bkgts,bksh->bkgth", weights, values.astype(jnp.float32))
+        return _ungrouped(out).astype(q.dtype)
+    batch, kv, group, _, width = grouped.shape
+
+    def block(j, carry):
+        best, total, acc = carry
+        start = (layer, 0, 0, j * DECODE_BLOCK, 0)
+        size = (1, batch, kv, DECODE_BLOCK, width)
+        keys, values = (jax.lax.dynamic_slice(stacked, start, size)[0].astype(jnp.float32)
+                        for stacked in (stacked_keys, stacked_values))
+        scores = jnp.einsum("bkgth,bksh->bkgts", grouped, keys)
+        mask = cache_mask(cfg, lengths, 1, DECODE_BLOCK, j * DECODE_BLOCK)[:, :, None]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        new_best = jnp.maximum(best, jnp.max(scores, axis=-1))
+        weights = jnp.exp(scores - new_best[..., None])
+        rescale = jnp.exp(best - new_best)
+        return (new_best, total * rescale + jnp.sum(weights, -1),
+                acc * rescale[..., None] + jnp.einsum("bkgts,bksh->bkgth", weights, values))
+
+    shape = (batch, kv, group, 1)
+    blocks = jnp.minimum(jnp.max(lengths), slots - 1) // DECODE_BLOCK + 1
+    # Every row sees at least its own new token (in block 0 or later), so best is finite.
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, width)))
+    _, total, acc = jax.lax.fori_loop(0, blocks, block, init)
+    return _ungrouped(acc / total[..., None]).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -412,14 +470,11 @@ class SelfAttention(nn.Module):
             rows = jnp.arange(x.shape[0])[:, None]
             slots = lengths[:, None] + jnp.arange(x.shape[1])[None, :]
             stacked_keys, stacked_values = (
-                nn.with_logical_constraint(stacked.at[layer, rows, slots].set(
+                nn.with_logical_constraint(stacked.at[layer, rows, :, slots].set(
                     new.astype(stacked.dtype), mode="drop"),
-                    (None, "act_batch", None, "act_kv_heads", None))
+                    (None, "act_batch", "act_kv_heads", None, None))
                 for stacked, new in zip((stacked_keys, stacked_values), (key, value)))
-            keys, values = (jax.lax.dynamic_index_in_dim(stacked, layer, 0, keepdims=False)
-                            for stacked in (stacked_keys, stacked_values))
-            out = attention(cfg, q, keys.astype(q.dtype), values.astype(q.dtype), mask,
-                            causal=False)
+            out = cached_attention(cfg, q, stacked_keys, stacked_values, layer, lengths)
             cache = (stacked_keys, stacked_values, lengths)
         return _dense(cfg, cfg.hidden_size, 2, cfg.out_bias, ("heads", "head_dim", "embed"),
                       ("embed",), "o_proj")(out), cache
@@ -511,15 +566,20 @@ class Decoder(nn.Module):
         lengths[b] ... lengths[b] + T - 1."""
         length = tokens.shape[1]
         positions = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-        mask = cache_mask(self.cfg, cache.lengths, length, cache.keys.shape[2])
         cos, sin = rope_tables(self.cfg, positions)
         # The cache rides in the scan's carry, so each layer updates its slots in place (as
         # scanned inputs and outputs, the whole cache would be copied at every step).
         layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
         (x, (keys, values, _)), _ = self.layers(
             (self.embed_tokens(tokens), (cache.keys, cache.values, cache.lengths)), cos, sin,
-            mask, layers)
+            None, layers)
         return self.norm(x), KVCache(keys, values, cache.lengths + length)
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens)
+
+    def final_norm(self, x):
+        return self.norm(x)
 
     def unembed(self, hidden):
         if self.cfg.tie_word_embeddings:
@@ -621,7 +681,8 @@ def hidden_states(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Ar
 
 def unembed(cfg: ModelConfig, params: PyTree, hidden: Array) -> Array:
     """Logits dtype[..., V] for hidden[..., D] (the tied embedding or the lm_head)."""
-    return Decoder(adapters_off(cfg)).apply({"params": params}, hidden, method=Decoder.unembed)
+    shared = {key: value for key, value in params.items() if key != "layers"}
+    return Decoder(adapters_off(cfg)).apply({"params": shared}, hidden, method=Decoder.unembed)
 
 
 def output_embedding(cfg: ModelConfig, params: PyTree) -> Array:
@@ -638,10 +699,43 @@ def hidden_cached(cfg: ModelConfig, params: PyTree, tokens: Array, cache: KVCach
 
     tokens: int32[B, T]. A right-padded prompt writes its padding too; set the rows' lengths
     to the real lengths afterwards (`cache._replace(lengths=...)`) and later tokens overwrite
-    it. lora: as in `hidden_states`.
+    it. params may be `split_layers(params)` (the layers run one by one). lora: as in
+    `hidden_states`.
     """
+    if isinstance(params["layers"], tuple):
+        return _hidden_cached_by_layer(cfg, params, tokens, cache, lora)
     return Decoder(cfg).apply(_variables(cfg, params, lora), tokens, cache,
                               method=Decoder.cached)
+
+
+def split_layers(params: PyTree) -> PyTree:
+    """`params` with the stacked layers as a tuple of per-layer trees (a copy of the layer
+    weights). `hidden_cached` then runs the layers one by one on their own arrays: under a
+    scan each decode step slices every layer's weights out of the stack, which XLA's CPU
+    backend does by copying them (three times the weight traffic of a step)."""
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers)
+                                      for i in range(count))}
+
+
+def _hidden_cached_by_layer(cfg, params, tokens, cache, lora):
+    shared = {key: value for key, value in params.items() if key != "layers"}
+    decoder = Decoder(adapters_off(cfg))
+    length = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    cos, sin = rope_tables(cfg, positions)
+    carry = (decoder.apply({"params": shared}, tokens, method=Decoder.embed),
+             (cache.keys, cache.values, cache.lengths))
+    layer = DecoderLayer(cfg)
+    for index, layer_params in enumerate(params["layers"]):
+        variables = {"params": layer_params}
+        if cfg.lora_rank:
+            variables["lora"] = jax.tree.map(lambda x, i=index: x[i], lora["layers"])
+        carry, _ = layer.apply(variables, carry, cos, sin, None, jnp.int32(index))
+    x, (keys, values, _) = carry
+    hidden = decoder.apply({"params": shared}, x, method=Decoder.final_norm)
+    return hidden, KVCache(keys, values, cache.lengths + length)
 
 
 def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, cache: KVCache, *,

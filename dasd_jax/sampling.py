@@ -220,9 +220,9 @@ def _refill(state: dict, rows: Array, pair_rows: Array, logits: Array,
     cache rows `pair_rows` (int32[k * pairs]) take `cache`'s slots (the prompts) and lengths,
     their logits `logits` [k * pairs, V]; count 0, not done, outputs cleared."""
     old = state["cache"]
-    slots = cache.keys.shape[2]
-    keys = old.keys.at[:, pair_rows, :slots].set(cache.keys)
-    values = old.values.at[:, pair_rows, :slots].set(cache.values)
+    slots = cache.keys.shape[3]
+    keys = old.keys.at[:, pair_rows, :, :slots].set(cache.keys)
+    values = old.values.at[:, pair_rows, :, :slots].set(cache.values)
     lengths = old.lengths.at[pair_rows].set(cache.lengths)
     return dict(state, cache=model.KVCache(keys, values, lengths),
                 logits=state["logits"].at[pair_rows].set(logits),
@@ -248,22 +248,29 @@ def right_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
 
 
 def _check(cfg, prompts, settings: Settings) -> int:
-    """The cache length for `prompts`: their largest bucket + max_new_tokens."""
+    """The cache length for `prompts`: their largest bucket + max_new_tokens, rounded up to a
+    whole number of the decode step's attention blocks."""
     if any(not prompt for prompt in prompts):
         raise UserError("cannot decode from an empty prompt")
     length = prompt_bucket(max(map(len, prompts)), settings.prompt_buckets)
     if length + settings.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt bucket {length} + max_new_tokens {settings.max_new_tokens} "
                         f"exceeds the model's window of {cfg.max_position_embeddings} positions")
-    return length + settings.max_new_tokens
+    return -(-(length + settings.max_new_tokens) // model.DECODE_BLOCK) * model.DECODE_BLOCK
+
+
+PREFILL_STEP = 64  # a prefill pads its prompts to a multiple of this (at most their bucket)
 
 
 def _prefilled(cfg, params, groups: list[list[list[int]]], settings: Settings):
     """(logits, cache) of the prompts of `groups` (each a list of row prompts: 1, or the 2
     contexts of co-decoding), rows ordered context-major (all first contexts, then all second),
-    in a cache of their largest bucket."""
+    padded to a multiple of PREFILL_STEP within their bucket: a prefill costs in proportion to
+    its padded length, and steps of 64 bound the compiles to a few per bucket."""
     rows = [group[part] for part in range(len(groups[0])) for group in groups]
-    bucket = prompt_bucket(max(map(len, rows)), settings.prompt_buckets)
+    longest = max(map(len, rows))
+    bucket = min(prompt_bucket(longest, settings.prompt_buckets),
+                 -(-longest // PREFILL_STEP) * PREFILL_STEP)
     tokens, lengths = right_pad(rows, bucket)
     return _prefill(cfg, params, tokens, lengths, bucket)
 
@@ -305,6 +312,9 @@ def decode_all(cfg: model.ModelConfig, params, examples: Sequence[list[list[int]
     if not examples:
         return
     cache_length = _check(cfg, [p for group in examples for p in group], settings)
+    # On a CPU, decode steps run the layers one by one on a copy of their weights made once
+    # here (model.split_layers); prefills, few and long, keep the stacked weights.
+    step_params = model.split_layers(params) if jax.default_backend() == "cpu" else params
     size, pairs = min(batch_size, len(examples)), len(examples[0])
     state = _idle_state(cfg, step_kind, settings, size, pairs, cache_length, rng)
     owner: dict[int, int] = {}  # example row -> the example it decodes
@@ -321,7 +331,7 @@ def decode_all(cfg: model.ModelConfig, params, examples: Sequence[list[list[int]
             state = _refill(state, jnp.asarray(rows, jnp.int32),
                             jnp.asarray(pair_rows, jnp.int32), logits, cache)
             owner.update(zip(refill, chosen))
-        state = _decode(cfg, settings, step_kind, bool(waiting), params, state, rng)
+        state = _decode(cfg, settings, step_kind, bool(waiting), step_params, state, rng)
         done = sharding.to_host(state["done"])
         free = [row for row in owner if done[row]]
         for row, result in zip(free, _results(state, free, settings)):

@@ -228,7 +228,7 @@ def test_unknown_lora_target_is_refused_naming_the_flag_and_the_choices():
                                         r"gate_proj,up_proj,down_proj$"):
         train.train(config)
     config.lora.update(targets="q_proj", dropout=1.0)
-    with pytest.raises(UserError, match=r"--config.lora.dropout=1.0 must be in \[0, 1\)"):
+    with pytest.raises(UserError, match=r"^--config.lora.dropout=1.0: must lie in \[0.0, 1.0\)"):
         train.train(config)
 
 
