@@ -382,8 +382,9 @@ def tokenize(records: Sequence[dict], tokenizer, data_config,
     Chat template (when `data_config.chat_template` and the tokenizer has one): optional system
     message + user(prompt) with the generation prompt, then the rest of the conversation with
     assistant(target), end-of-turn markers included. Otherwise bos + prompt_format(prompt), then
-    target + eos. A record's `response_ids` replace the tokenized target verbatim. Recorded
-    values cover the first len(values) response tokens. Over `max_seq_len`: `overlong="truncate"`
+    target + eos. A record's `response_ids` replace the tokenized response verbatim, and its
+    recorded values cover the first len(values) response tokens; a `reference` target ignores
+    both (they describe the response). Over `max_seq_len`: `overlong="truncate"`
     cuts the response's end (dropping the example when the prompt leaves no room), "drop" drops
     it. Empty targets are skipped. One warning sums up truncated / dropped / empty records.
     Returns (examples, {"records", "examples", "truncated", "dropped", "empty"}).
@@ -402,6 +403,9 @@ def tokenize(records: Sequence[dict], tokenizer, data_config,
     counts = {"truncated": 0, "dropped": 0, "empty": 0}
     examples, stops = [], frozenset(int(token) for token in stop_ids)
     for index, record in enumerate(records):
+        if target == "reference":  # the ids and values a rewrite recorded are its response's
+            record = {key: value for key, value in record.items()
+                      if key != "response_ids" and key not in VALUE_FIELDS}
         text = record.get(target) or ""
         response = ([] if not ("response_ids" in record or text.strip()) else
                     _response_tokens(record, text, tokenizer, data_config))

@@ -120,7 +120,7 @@ def test_recorded_logprobs_sit_at_the_position_that_predicts_their_token(tokeniz
 
 def test_the_veto_signals_sit_with_the_others_and_fallback_lines_are_marked(tokenizer):
     records = [{"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "reference",
-                "ref_logprob_base_choice": [-2.0, -0.5], "ref_top1": [-0.1, -0.2]},
+                "reference": "ab", "ref_logprob_base_choice": [-2.0, -0.5], "ref_top1": [-0.1, -0.2]},
                {"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "rewrite"}]
     (fallback, rewritten), _ = data.tokenize(records, tokenizer, data_config())
     start = fallback.prompt_length - 1
@@ -200,6 +200,20 @@ def test_reference_target_trains_the_reference_text(tokenizer):
     records = [{"prompt": "q", "reference": "ref", "response": "resp"}]
     (example,), _ = data.tokenize(records, tokenizer, data_config(target="reference"))
     assert tokenizer.decode(masked_targets(example)) == "ref</s>"
+
+
+def test_reference_target_ignores_the_ids_and_values_a_rewrite_recorded(tokenizer):
+    """A rewrite file trained as SFT (data.target=reference) trains its references, not the
+    rewrites its response_ids spell, and no recorded response signal leaks onto them."""
+    response_ids = tokenizer("resp")["input_ids"] + [tokenizer.eos_token_id]
+    records = [{"prompt": "q", "reference": "ref", "response": "resp",
+                "response_ids": response_ids, "ref_logprobs": [-0.5] * len(response_ids),
+                "base_logprobs": [-2.0] * len(response_ids)}]
+    (example,), _ = data.tokenize(records, tokenizer, data_config(target="reference"))
+    assert tokenizer.decode(masked_targets(example)) == "ref</s>"
+    assert np.isnan(example.ref_logprob).all() and np.isnan(example.base_logprob).all()
+    (example,), _ = data.tokenize(records, tokenizer, data_config(target="response"))
+    assert list(masked_targets(example)) == response_ids
 
 
 # ----------------------------------------------------------------------------- loading
