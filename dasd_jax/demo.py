@@ -119,7 +119,8 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     timings["rewrite"] = time.perf_counter() - started
 
     evaluation = dict(tasks="synthetic_hard,synthetic_easy", tuned_tasks="synthetic_hard",
-                      limit=demo.eval_examples, baseline="", max_new_tokens=32)
+                      limit=demo.eval_examples, baseline="",
+                      max_new_tokens=config.eval.max_new_tokens)
     results = {}
     started = time.perf_counter()
     base_eval = evaluate.evaluate(stage_config(config, workdir / "base", model=on_base,
