@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean smollm2
+.PHONY: demo test test-fast bench clean smollm2
 
 $(VENV)/.runtime-installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ smollm2: $(VENV)/.test-installed
 ## test: the whole test suite (CPU, offline)
 test: smollm2
 	$(BIN)/python -m pytest -q -n 2
+
+## test-fast: the suite without the slow and subprocess tiers (about 2 minutes on 2 cores)
+test-fast: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not subprocess"
 
 ## bench: forward-pass throughput of a tiny decoder on this machine
 bench: $(VENV)/.runtime-installed

@@ -41,6 +41,7 @@ def analysis(tmp_path_factory):
     return workdir, analyze.analyze(config)
 
 
+@pytest.mark.slow
 def test_analysis_counts_every_response_token_into_one_category(analysis):
     _, stats = analysis
     assert set(stats) == {"references", "rewrites"}

@@ -17,6 +17,7 @@ def make_state(mesh):
     return config, step.setup(config, CFG, mesh).init_state(model.init(CFG, jax.random.key(1)))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_restores_onto_a_different_mesh_shape(tmp_path):
     saving_mesh = sharding.make_mesh((1, 8, 1))
     _, state = make_state(saving_mesh)

@@ -21,6 +21,8 @@ def run_cli(stage: str, *args: str, timeout: int = 240):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("stage, args, message", [
     ("train", ["--config=configs/math.py:tiny", "--config.train.stepz=3"],
      "error: --config.train.stepz: train has no field 'stepz'; did you mean steps?"),
@@ -43,6 +45,7 @@ def test_a_bad_flag_file_or_value_is_one_line_and_exit_2(tmp_path, stage, args, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.subprocess
 def test_a_rewrite_whose_model_cannot_load_leaves_no_output_file(tmp_path):
     result = run_cli("rewrite", "--config=configs/math.py:tiny", f"--config.workdir={tmp_path}",
                      f"--config.model.path={tmp_path / 'absent'}")

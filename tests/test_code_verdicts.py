@@ -21,6 +21,8 @@ import pytest
 
 from dasd_jax.tasks import coding, harness
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"timeout_s": 5, "memory_mb": 256, "max_processes": 8}
 
@@ -96,6 +98,7 @@ def scores(item, family, programs):
             lambda source: coding.score(item, source, family, **LIMITS), programs.values())))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, item", [("humaneval", ADD), ("mbpp", MBPP_ADD)])
 def test_a_correct_solution_passes_and_no_wrong_one_passes_with_any_trick(family, item):
     completions = {name: "```python\n" + source + "```" for name, source in TRICKS.items()}
@@ -182,6 +185,7 @@ def test_the_decoder_refuses_what_is_not_an_encoded_value():
             harness.decode(data, remote=lambda ref: ref)
 
 
+@pytest.mark.slow
 def test_wrong_but_tricky_programs_score_pass_at_1_of_zero_through_the_cli(tmp_path):
     problems = tmp_path / "toy-humaneval.jsonl"
     rows = [{"task_id": f"Toy/{i}", "prompt": ADD["prompt"], "canonical_solution": "",

@@ -45,6 +45,8 @@ def scores(items, completions, family):
 # ----------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_every_humaneval_canonical_solution_passes():
     items = coding.load_humaneval(data_file("humaneval", "HumanEval.jsonl.gz"))
     assert len(items) == 164
@@ -52,6 +54,8 @@ def test_every_humaneval_canonical_solution_passes():
     assert {i: r["reason"] for i, r in results.items() if not r["passed"]} == {}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_every_empty_humaneval_body_fails():
     items = coding.load_humaneval(data_file("humaneval", "HumanEval.jsonl.gz"))
     results = scores(items, ["    pass\n"] * len(items), "humaneval")
@@ -59,6 +63,8 @@ def test_every_empty_humaneval_body_fails():
     assert {r["status"] for r in results.values()} == {"failed"}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_every_sanitized_mbpp_reference_passes_its_tests():
     items = coding.load_mbpp(data_file("mbpp", "sanitized-mbpp.json"))
     assert len(items) == 427 and all(item["tests"] for item in items)
@@ -66,6 +72,8 @@ def test_every_sanitized_mbpp_reference_passes_its_tests():
     assert {i: r["reason"] for i, r in results.items() if not r["passed"]} == {}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_first_hundred_mbpp_references_pass_their_tests():
     items = coding.load_mbpp(data_file("mbpp", "mbpp.jsonl"))
     assert len(items) == 974 and items[0]["id"] == "1"
@@ -73,6 +81,7 @@ def test_the_first_hundred_mbpp_references_pass_their_tests():
     assert {i: r["reason"] for i, r in results.items() if not r["passed"]} == {}
 
 
+@pytest.mark.subprocess
 def test_mbpp_set_up_code_runs_after_the_solution_it_builds_on():
     items = {item["id"]: item for item in coding.load_mbpp(data_file("mbpp", "mbpp.jsonl"))}
     fixture = items["367"]  # its set-up builds trees of the solution's Node class
@@ -83,6 +92,7 @@ def test_mbpp_set_up_code_runs_after_the_solution_it_builds_on():
 # ----------------------------------------------------------------------------- programs
 
 
+@pytest.mark.subprocess
 def test_a_humaneval_body_continuation_completes_the_prompt():
     source = coding.solution_source(ADD, "    return a + b\n", "humaneval")
     assert source == ADD["prompt"] + "    return a + b\n"
@@ -92,6 +102,7 @@ def test_a_humaneval_body_continuation_completes_the_prompt():
         "passed": True, "status": "passed", "reason": ""}
 
 
+@pytest.mark.subprocess
 def test_a_whole_humaneval_solution_in_a_chat_reply_passes():
     reply = ("Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n\n\n"
              "if __name__ == \"__main__\":\n    print(add(int(input()), 1))\n```\n"
@@ -104,6 +115,7 @@ def test_a_whole_humaneval_solution_in_a_chat_reply_passes():
         "reason": "AssertionError (at <test> line 2: assert candidate(2, 3) == 5)"}
 
 
+@pytest.mark.subprocess
 def test_a_humaneval_solution_that_loops_forever_times_out():
     looping = "    while True:\n        pass\n"
     result = coding.score(ADD, looping, "humaneval", timeout_s=1)
@@ -111,6 +123,7 @@ def test_a_humaneval_solution_that_loops_forever_times_out():
     assert "no verdict within 1 s" in result["reason"]
 
 
+@pytest.mark.subprocess
 def test_an_mbpp_solution_is_the_code_and_the_tests_take_its_names():
     reply = "```python\ndef add(x, y):\n    return x + y\n```"
     assert coding.solution_source(MBPP_ADD, reply, "mbpp") == "def add(x, y):\n    return x + y\n"
@@ -121,6 +134,7 @@ def test_an_mbpp_solution_is_the_code_and_the_tests_take_its_names():
     assert not wrong["passed"] and "<test 1> line 1: assert add(2, 3) == 5" in wrong["reason"]
 
 
+@pytest.mark.subprocess
 def test_mbpp_tests_import_what_the_reference_imports_and_take_builtin_names_it_defines():
     item = {"id": "126", "prompt": "Sum of common divisors.", "setup": "",
             "tests": ["assert sum(10, 15) == 6", "assert math.isclose(sum(4, 6), 3)"],

@@ -9,6 +9,7 @@ from dasd_jax import demo, stages
 from configs import demo as demo_config
 
 
+@pytest.mark.slow
 def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsys):
     config = demo_config.get_config("small")
     config.workdir = str(tmp_path / "run")

@@ -27,6 +27,8 @@ def tiny_config(workdir, **eval_settings):
     return config
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_tiny_evaluate_prints_its_table_with_a_forgetting_column(tmp_path):
     checkpoint = perplexity.embedded_checkpoint(tmp_path / "ckpt")
     result = subprocess.run(
@@ -42,6 +44,7 @@ def test_tiny_evaluate_prints_its_table_with_a_forgetting_column(tmp_path):
     assert len(lines) == 4 and {"id", "completion", "correct", "difficulty"} <= set(json.loads(lines[0]))
 
 
+@pytest.mark.slow
 @needs_data
 def test_every_task_family_runs_on_a_few_real_examples(tmp_path):
     paths = commonsense.default_paths(DATA)
@@ -74,6 +77,7 @@ def test_predictions_made_elsewhere_are_scored_without_a_model(tmp_path):
     assert summary["tasks"]["gsm8k"] == {**summary["tasks"]["gsm8k"], "examples": 4, "accuracy": 0.5}
 
 
+@pytest.mark.slow
 def test_an_orbax_workdir_is_evaluated_from_its_latest_checkpoint(tmp_path):
     from dasd_jax import train
     config = tiny_config(tmp_path, tasks="synthetic", checkpoint=str(tmp_path), baseline="")
@@ -115,6 +119,7 @@ def test_several_completions_of_one_id_are_its_samples_and_the_output_says_so(tm
     assert "ids not in the data: 1" in printed
 
 
+@pytest.mark.slow
 def test_evaluating_a_workdir_restores_the_params_alone(tmp_path, monkeypatch):
     from dasd_jax import step, train
     config = tiny_config(tmp_path, tasks="synthetic", checkpoint=str(tmp_path), baseline="")

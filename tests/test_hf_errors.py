@@ -144,6 +144,7 @@ def test_a_path_that_is_not_there():
         hf.load("./nowhere/model")
 
 
+@pytest.mark.subprocess
 def test_the_command_line_prints_the_message_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dasd_jax.perplexity", "--checkpoint", str(tmp_path)],

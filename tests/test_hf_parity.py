@@ -21,6 +21,7 @@ def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(tiny_models.VARIANTS))
 def test_logits_match_transformers_and_export_loads_back(variant, checkpoint_dir, tmp_path):
     directory = checkpoint_dir(variant)

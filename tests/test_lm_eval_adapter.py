@@ -82,6 +82,7 @@ def test_loglikelihood_equals_a_teacher_forced_transformers_pass_and_flags_greed
     assert [is_greedy for _, is_greedy in results] == [False, False, False, True]
 
 
+@pytest.mark.slow
 def test_generate_until_cuts_greedy_transformers_output_at_the_first_stop_string(lm, checkpoint):
     torch_model = checkpoint[1]
     contexts = ["The answer is", "Question: what is 7 times 6?\nAnswer:"]

@@ -68,6 +68,7 @@ def adapted_logits(llama):
 # ----------------------------------------------------------------------------- the model
 
 
+@pytest.mark.slow
 def test_adapters_off_is_the_base_forward_bit_for_bit(llama):
     _, cfg, params, adapters = llama
     base = forward(model.adapters_off(cfg), params, jnp.asarray(TOKENS))
@@ -108,6 +109,7 @@ def saved_activation_elements(loss, argument) -> int:
     return sum(math.prod(int(d) for d in shape.split(",") if d) for shape in shapes)
 
 
+@pytest.mark.slow
 def test_under_dots_remat_the_adapters_add_only_rank_sized_saved_activations(step_params):
     cfg = STEP_CFG.replace(dtype="bfloat16", remat_policy="dots_no_batch")
     adapted = with_lora(cfg)
@@ -179,6 +181,7 @@ def lora_config(**lora_settings):
     return config
 
 
+@pytest.mark.slow
 def test_lora_training_changes_only_the_adapters_and_the_loss_falls(step_params):
     mesh = sharding.make_mesh((1, 2, 4))  # adapters sharded like their kernels
     config = lora_config()
@@ -232,6 +235,7 @@ def test_unknown_lora_target_is_refused_naming_the_flag_and_the_choices():
         train.train(config)
 
 
+@pytest.mark.slow
 def test_dry_run_reports_the_memory_lora_saves(capsys):
     config = math_config.get_config("tiny")
     config.workdir = "/unused"
@@ -253,6 +257,7 @@ def losses_by_step(workdir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+@pytest.mark.slow
 def test_a_lora_run_checkpoints_adapters_resumes_and_exports_merged_and_peft(tmp_path):
     config = math_config.get_config("tiny")
     config.workdir = str(tmp_path)

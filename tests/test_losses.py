@@ -29,6 +29,7 @@ def naive_stats(hidden, kernel, targets, queries):
             "argmax": jnp.argmax(logits, -1), "entropy": -jnp.sum(probs * logprobs, -1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 8, 16, 37, 0])
 def test_chunked_stats_equal_the_naive_computation(inputs, chunk):
     queries = jnp.roll(inputs[2], 3, axis=1)
@@ -39,6 +40,7 @@ def test_chunked_stats_equal_the_naive_computation(inputs, chunk):
     assert got["argmax"].dtype == jnp.int32
 
 
+@pytest.mark.slow
 def test_chunked_masked_loss_has_the_naive_value_and_gradient(inputs):
     hidden, kernel, targets = inputs
     weights = (jax.random.uniform(jax.random.key(4), (B, T)) > 0.4).astype(jnp.float32)
@@ -65,6 +67,7 @@ def test_masked_cross_entropy_of_nothing_selected_is_zero_not_nan():
     assert not np.any(np.isnan(grad))
 
 
+@pytest.mark.slow
 def test_a_step_with_a_152k_vocabulary_needs_less_memory_chunked():
     cfg = model.ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=16,
                             intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,

@@ -20,6 +20,7 @@ def params():
     return jax.jit(model.init, static_argnums=0)(CFG, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_packed_sequences_equal_each_sequence_run_alone(params):
     rng = np.random.default_rng(0)
     first, second = rng.integers(0, CFG.vocab_size, 37), rng.integers(0, CFG.vocab_size, 27)
@@ -51,6 +52,7 @@ def test_explicit_positions_shift_rope(params):
     np.testing.assert_allclose(shifted, default, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_policies_change_memory_not_results(params, policy):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 24)), jnp.int32)

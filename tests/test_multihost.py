@@ -9,10 +9,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from dasd_jax import rewrite, train
 from configs import math as math_config
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ["--config.rewrite.generated_examples=8", "--config.rewrite.batch_size=8",

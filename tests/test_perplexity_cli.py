@@ -5,9 +5,13 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from dasd_jax import hf, perplexity
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_embedded_default_writes_a_checkpoint_and_scores_text(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dasd_jax.perplexity", "--cache_dir", str(tmp_path)],

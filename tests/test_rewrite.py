@@ -28,6 +28,8 @@ def read_lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_tiny_rewrite_runs_offline_and_its_output_trains_unchanged(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dasd_jax.rewrite", "--config=configs/math.py:tiny",
@@ -55,6 +57,7 @@ def test_tiny_rewrite_runs_offline_and_its_output_trains_unchanged(tmp_path):
     assert np.isfinite(last["loss"]) and last["kept_ratio"] > 0
 
 
+@pytest.mark.slow
 def test_kept_rewrites_carry_the_decoder_signals_aligned_to_their_tokens(tmp_path, monkeypatch):
     # The judge is the task's answer check; a random model never passes it, so accept all here
     # to follow a kept rewrite through the bookkeeping.
@@ -80,6 +83,7 @@ def test_kept_rewrites_carry_the_decoder_signals_aligned_to_their_tokens(tmp_pat
         assert len(line["ref_logprob_base_choice"]) == len(line["response_ids"])
 
 
+@pytest.mark.slow
 def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path, monkeypatch):
     monkeypatch.setattr(rewrite, "_judge", lambda *args: None)
     config = tiny_config(tmp_path, mode="sdft", limit=4)
@@ -101,6 +105,7 @@ def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path,
             assert line["ref_top1"][t] == pytest.approx(float(ref[position].max()), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_rewrite_file_from_before_the_veto_signals_still_trains(tmp_path):
     rewrite.rewrite(tiny_config(tmp_path))
     old = tmp_path / "old.jsonl"
@@ -128,12 +133,14 @@ def test_rerunning_skips_written_ids_and_repairs_a_cut_line(tmp_path):
     assert [line["id"] for line in read_lines(output)] == [str(i) for i in range(8)]
 
 
+@pytest.mark.slow
 def test_an_output_from_other_settings_is_not_appended_to(tmp_path):
     rewrite.rewrite(tiny_config(tmp_path, limit=2))
     with pytest.raises(UserError, match=r"written with other settings \(mode differ\); refusing"):
         rewrite.rewrite(tiny_config(tmp_path, limit=2, mode="sdft"))
 
 
+@pytest.mark.slow
 def test_empty_references_and_overlong_prompts_are_counted_and_named(tmp_path):
     records = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4. The answer is 4."},
                {"question": "What is 3 + 3?", "answer": "  "},

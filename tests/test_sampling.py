@@ -20,6 +20,7 @@ def prompts_for(seed=0):
     return [list(map(int, tiny_models.random_tokens(1, n, seed=seed + n)[0])) for n in PROMPT_LENGTHS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(tiny_models.VARIANTS))
 def test_greedy_decoding_of_a_mixed_length_batch_equals_transformers_generate(variant, checkpoint_dir):
     directory = checkpoint_dir(variant)
@@ -40,6 +41,7 @@ def qwen3(checkpoint_dir):
     return hf.load(checkpoint_dir("qwen3"))
 
 
+@pytest.mark.slow
 def test_a_batch_of_mixed_lengths_equals_each_prompt_decoded_alone(qwen3):
     cfg, params = qwen3
     settings = sampling.Settings(max_new_tokens=NEW)
@@ -50,6 +52,7 @@ def test_a_batch_of_mixed_lengths_equals_each_prompt_decoded_alone(qwen3):
         np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_recorded_logprobs_equal_a_teacher_forced_forward(qwen3):
     cfg, params = qwen3
     prompts = prompts_for()
@@ -75,6 +78,7 @@ def test_decoding_stops_at_any_end_of_sequence_id(qwen3):
     assert not free.finished and len(free.tokens) == NEW
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_respects_top_k(qwen3):
     cfg, params = qwen3
     settings = sampling.Settings(max_new_tokens=NEW, temperature=1.0, top_k=3)
@@ -124,6 +128,7 @@ def test_codecoding_with_a_tiny_alpha_and_no_cap_follows_the_base_context_greedi
         assert all(n == cfg.vocab_size for n in result.n_candidates)
 
 
+@pytest.mark.slow
 def test_codecoding_records_the_signals_training_reads(qwen3):
     cfg, params = qwen3
     references, bases = prompts_for(0), prompts_for(100)
@@ -146,6 +151,7 @@ def test_codecoding_records_the_signals_training_reads(qwen3):
         np.testing.assert_allclose(result.ref_top1, ref_stats["top1_logprob"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_veto_ratio_r_matches_a_hand_computation_from_both_contexts(qwen3):
     """r_t = πref(v0_t) / max πref with v0_t = argmax π0, from two plain forwards."""
     cfg, params = qwen3
@@ -164,6 +170,7 @@ def test_the_veto_ratio_r_matches_a_hand_computation_from_both_contexts(qwen3):
             result.n_candidates[t] == 8  # r < alpha: the base's choice was not a candidate
 
 
+@pytest.mark.slow
 def test_decoding_on_a_mesh_shards_the_cache_and_changes_nothing(checkpoint_dir, qwen3):
     cfg, params = qwen3
     mesh = sharding.make_mesh((2, 2, 2))
@@ -185,6 +192,7 @@ def test_stop_ids_join_the_model_and_tokenizer_end_of_sequence_ids(qwen3):
     assert sampling.stop_ids(cfg, tokenizer) == (2, 7)
 
 
+@pytest.mark.slow
 def test_continuous_batching_refills_finished_rows_and_changes_no_result(qwen3):
     cfg, params = qwen3
     prompts = prompts_for(0) + prompts_for(7) + prompts_for(31)  # 9 prompts of mixed lengths
@@ -211,6 +219,7 @@ def test_continuous_batching_refills_finished_rows_and_changes_no_result(qwen3):
         assert streamed[index].n_candidates == expected.n_candidates
 
 
+@pytest.mark.slow
 def test_a_sure_reference_is_the_only_candidate(qwen3):
     cfg, params = qwen3
     references, bases = prompts_for(0), prompts_for(100)

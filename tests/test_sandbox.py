@@ -134,6 +134,7 @@ def test_killing_the_parent_or_everyone_fails_and_the_test_run_survives():
     assert is_running(os.getpid()) and is_running(os.getppid())
 
 
+@pytest.mark.subprocess
 def test_a_fork_bomb_is_bounded_and_leaves_no_process_behind():
     started = time.monotonic()
     outcome = run_python(program("""
@@ -151,6 +152,7 @@ def test_a_fork_bomb_is_bounded_and_leaves_no_process_behind():
         assert live_processes(int(outcome.stdout.split()[0])) == []
 
 
+@pytest.mark.subprocess
 @needs_root
 def test_a_fork_bomb_in_one_run_does_not_starve_a_concurrent_run():
     bomb = program("""
@@ -177,6 +179,7 @@ def test_a_memory_hog_gets_a_memory_error_not_the_machine():
     assert outcome.status in ("failed", "crashed")
 
 
+@pytest.mark.subprocess
 def test_an_infinite_loop_times_out_and_the_whole_group_is_killed():
     started = time.monotonic()
     outcome = run_python(program("""
@@ -194,6 +197,7 @@ def test_an_infinite_loop_times_out_and_the_whole_group_is_killed():
         assert live_processes(uid) == []
 
 
+@pytest.mark.subprocess
 @needs_root
 def test_a_background_process_in_its_own_session_does_not_outlive_the_run():
     started = time.monotonic()
@@ -257,6 +261,7 @@ def test_concurrent_runs_are_independent():
     assert [o.stdout.strip() for o in outcomes] == [str(i) for i in range(6)]
 
 
+@pytest.mark.subprocess
 def test_an_interpreter_inside_tmp_is_still_reachable_behind_the_private_tmp(tmp_path):
     # CI clones (and their virtualenvs) may live under /tmp, which the sandbox replaces.
     import subprocess

@@ -15,6 +15,7 @@ def test_the_suite_sees_eight_simulated_devices():
     assert jax.device_count() == 8
 
 
+@pytest.mark.slow
 def test_load_onto_a_mesh_places_each_param_in_its_sharding(checkpoint_dir):
     directory = checkpoint_dir("qwen2")
     mesh = sharding.make_mesh((2, 2, 2))

@@ -26,6 +26,8 @@ from dasd_jax import config_defaults, data, hf, model, sampling
 from dasd_jax.tasks import gsm8k
 from dasd_jax.tools import smollm2
 
+pytestmark = pytest.mark.slow
+
 CHECKPOINT = Path(os.environ.get("DASD_JAX_SMOLLM2", smollm2.DEFAULT_OUT)).expanduser()
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 pytestmark = pytest.mark.skipif(

@@ -59,6 +59,7 @@ def single_device_run(initial_params):
     return run_steps(make_config(), initial_params, mesh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_every_mesh_gives_the_single_device_losses_and_params(shape, initial_params,
                                                               single_device_run):
@@ -73,6 +74,7 @@ def test_every_mesh_gives_the_single_device_losses_and_params(shape, initial_par
     assert len({s.device for s in q_kernel.addressable_shards}) == 8
 
 
+@pytest.mark.slow
 def test_micro_batches_change_memory_not_results(initial_params, single_device_run):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     state, history = run_steps(make_config(micro_batches=4), initial_params, mesh)
@@ -83,6 +85,7 @@ def test_micro_batches_change_memory_not_results(initial_params, single_device_r
                  jax.device_get(state.params), jax.device_get(expected_state.params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", selection.RULES)
 def test_every_rule_trains_and_reports_its_metrics(rule, initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -103,6 +106,7 @@ def test_sft_skips_the_base_forward(initial_params):
     assert step.setup(make_config("dasd"), CFG, mesh).base_params(initial_params) is not None
 
 
+@pytest.mark.slow
 def test_cached_base_confidence_is_read_from_the_batch(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("dasd", base_confidence="cached")
@@ -117,6 +121,7 @@ def test_cached_base_confidence_is_read_from_the_batch(initial_params):
     assert float(metrics["aligned"]) == 1.0 and float(metrics["kept_ratio"]) == 1.0
 
 
+@pytest.mark.slow
 def test_nothing_selected_gives_zero_loss_and_no_update(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("ppl_filter")

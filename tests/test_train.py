@@ -49,6 +49,7 @@ def uninterrupted(tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_checkpoints_and_an_export_transformers_loads(uninterrupted):
     workdir, result = uninterrupted
     losses = losses_by_step(workdir)
@@ -67,6 +68,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_an_export_transformers_loads(un
     assert cfg.vocab_size == len(tokenizer)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_killed_run_resumes_to_the_uninterrupted_losses_exactly(uninterrupted, tmp_path):
     expected = losses_by_step(uninterrupted[0])
     workdir = tmp_path / "killed"
@@ -94,6 +97,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_losses_exactly(uninterrupted,
     assert resumed == expected  # every step, before and after the kill, bit for bit
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "preempted"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -111,6 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert (workdir / "checkpoints" / str(saved)).is_dir() and saved < 400
 
 
+@pytest.mark.slow
 def test_dry_run_reports_parameters_and_memory_per_device(capsys):
     config = math_config.get_config("tiny")
     config.workdir = "/unused"
@@ -132,6 +138,7 @@ def test_hub_id_offline_fails_at_once_naming_the_flag(tmp_path):
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.subprocess
 def test_missing_workdir_is_named(capsys):
     result = subprocess.run([sys.executable, "-m", "dasd_jax.train", "--config=configs/math.py:tiny",
                              "--config.workdir="], cwd=REPO, capture_output=True, text=True,
@@ -161,6 +168,8 @@ def test_micro_batches_the_mesh_cannot_split_are_refused():
         train.train(config)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_diverging_run_stops_with_one_message_keeps_its_last_good_checkpoint_and_exports_nothing(
         tmp_path):
     result = subprocess.run(
