@@ -1,7 +1,7 @@
 """The embedded demo over several seeds: which component carries the gain, which the retention,
 and a verdict on each of the paper's four claims.
 
-    python benchmarks/demo_claims.py --seeds=0,1,2,3,4                  # CPU, ~16 min per seed
+    python benchmarks/demo_claims.py --seeds=0,1,2,3,4                  # CPU, ~20 min per seed
     python benchmarks/demo_claims.py --seeds=0,1,2,3,4 --variant=gpu
 
 Each seed runs the whole `dasd_jax.demo` pipeline with `config.seed` set to it (a base pretrained
