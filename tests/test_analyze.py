@@ -51,6 +51,7 @@ def test_analysis_counts_every_response_token_into_one_category(analysis):
         assert 0 <= numbers["high_ppl_100"] <= numbers["high_ppl_10"] <= 1
 
 
+@pytest.mark.slow
 def test_analysis_writes_a_summary_a_plot_and_a_well_formed_token_page(analysis):
     workdir, stats = analysis
     output = workdir / "analysis"

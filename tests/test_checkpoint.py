@@ -42,6 +42,7 @@ def _assert_sharding(array, wanted):
     assert array.sharding.is_equivalent_to(wanted, array.ndim)
 
 
+@pytest.mark.slow
 def test_saving_the_same_step_twice_is_a_no_op(tmp_path):
     _, state = make_state(sharding.make_mesh((1, 8, 1)))
     saver = checkpoint.Checkpointer(tmp_path, every=5, max_to_keep=1)

@@ -89,6 +89,7 @@ def test_an_orbax_workdir_is_evaluated_from_its_latest_checkpoint(tmp_path):
         hf.load(tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_unknown_tasks_and_missing_paths_are_named(tmp_path):
     with pytest.raises(UserError, match=r"eval.tasks='gsm9k': choose from .*gsm8k"):
         evaluate.evaluate(tiny_config(tmp_path, tasks="gsm9k"))

@@ -79,6 +79,7 @@ def test_adapters_off_is_the_base_forward_bit_for_bit(llama):
     assert max_abs_diff(adapted_logits(llama), base) > 1e-2  # the test adapters do matter
 
 
+@pytest.mark.slow
 def test_lora_params_are_a_separate_tree_stacked_and_sharded_like_their_kernels(llama):
     _, cfg, params, adapters = llama
     init = jax.jit(model.init, static_argnums=0)
@@ -126,6 +127,7 @@ def test_under_dots_remat_the_adapters_add_only_rank_sized_saved_activations(ste
 # ----------------------------------------------------------------------------- exports
 
 
+@pytest.mark.slow
 def test_merged_export_computes_the_adapted_forward(llama, tmp_path):
     directory, cfg, params, adapters = llama
     adapted = adapted_logits(llama)
@@ -204,6 +206,7 @@ def test_lora_training_changes_only_the_adapters_and_the_loss_falls(step_params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), step_params)
 
 
+@pytest.mark.slow
 def test_the_lora_base_is_the_loaded_weights_not_a_copy(step_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = jax.device_put(step_params, sharding.param_shardings(STEP_CFG, mesh))

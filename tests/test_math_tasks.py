@@ -186,6 +186,7 @@ def test_math_prompt_asks_for_the_answer_in_a_box():
     assert text.startswith("Find x.") and "step by step" in text and "\\boxed{}" in text
 
 
+@pytest.mark.slow
 def test_every_math500_solution_grades_correct_against_its_answer(math500_test):
     assert len(math500_test) == 500
     assert sum(math500.is_correct(item["solution"], item) for item in math500_test) == 500

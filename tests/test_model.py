@@ -44,6 +44,7 @@ def test_segment_positions_restart_at_each_segment():
     )
 
 
+@pytest.mark.slow
 def test_explicit_positions_shift_rope(params):
     tokens = jnp.asarray([[3, 4, 5, 6]])
     shifted = forward(CFG, params, tokens, positions=jnp.arange(10, 14)[None])

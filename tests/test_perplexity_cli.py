@@ -27,6 +27,7 @@ def test_embedded_default_writes_a_checkpoint_and_scores_text(tmp_path):
     assert 0.5 * 128 < value < 2 * 128
 
 
+@pytest.mark.slow
 def test_perplexity_is_exp_of_the_mean_negative_log_likelihood(tmp_path):
     checkpoint = perplexity.embedded_checkpoint(tmp_path / "ckpt")
     result = perplexity.main(["--checkpoint", str(checkpoint), "--text", "2+2=4"])

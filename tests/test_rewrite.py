@@ -121,6 +121,7 @@ def test_a_rewrite_file_from_before_the_veto_signals_still_trains(tmp_path):
     assert np.isfinite(last["loss"]) and last["correction"] == 0.0  # no r: no correction
 
 
+@pytest.mark.slow
 def test_rerunning_skips_written_ids_and_repairs_a_cut_line(tmp_path):
     rewrite.rewrite(tiny_config(tmp_path, limit=4))
     output = tmp_path / "rewrites.jsonl"
@@ -165,6 +166,7 @@ def test_a_missing_input_field_names_the_flag_to_map_it(tmp_path):
         rewrite.rewrite(config)
 
 
+@pytest.mark.slow
 def test_auto_base_confidence_reads_the_signals_of_a_file_this_model_rewrote(tmp_path):
     rewrite.rewrite(tiny_config(tmp_path, limit=4))
     config = math_config.get_config("tiny")

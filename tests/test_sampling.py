@@ -66,6 +66,7 @@ def test_recorded_logprobs_equal_a_teacher_forced_forward(qwen3):
         np.testing.assert_allclose(result.logprobs, forced, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_decoding_stops_at_any_end_of_sequence_id(qwen3):
     cfg, params = qwen3
     prompt = prompts_for()[1]
@@ -104,6 +105,7 @@ def test_filters_keep_the_tokens_they_should():
     assert kept() == [True, True, True, True]
 
 
+@pytest.mark.slow
 def test_codecoding_with_alpha_one_follows_the_reference_context_greedily(qwen3):
     cfg, params = qwen3
     references, bases = prompts_for(0), prompts_for(100)

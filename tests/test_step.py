@@ -132,6 +132,7 @@ def test_nothing_selected_gives_zero_loss_and_no_update(initial_params):
                  jax.device_get(initial_params))
 
 
+@pytest.mark.slow
 def test_eval_step_reports_the_train_step_loss_without_updating(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config("dasd")
@@ -143,6 +144,7 @@ def test_eval_step_reports_the_train_step_loss_without_updating(initial_params):
     np.testing.assert_allclose(evaluated["loss"], trained["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_step_with_a_non_finite_gradient_skips_its_update_and_says_so(initial_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = make_config()
