@@ -30,7 +30,7 @@ smollm2: $(VENV)/.test-installed
 test: smollm2
 	$(BIN)/python -m pytest -q -n 2
 
-## test-fast: the suite without the slow and subprocess tiers (about 2 minutes on 2 cores)
+## test-fast: the suite without the slow and subprocess tiers (about 1 minute on 2 cores)
 test-fast: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -n 2 -m "not slow and not subprocess"
 
