@@ -445,7 +445,7 @@ class SelfAttention(nn.Module):
                  cache: tuple[Array, Array, Array] | None = None, layer: Array | None = None):
         """Returns (output, the updated cache or None).
 
-        cache: (keys, values, lengths) of every layer ([L, B, S, K, H], int32[B]); this layer
+        cache: (keys, values, lengths) of every layer ([L, B, K, S, H], int32[B]); this layer
         (`layer`, int32[]) writes row b's T new keys and values at slots lengths[b] ...
         lengths[b] + T - 1 in place (slots past S are dropped) and attends to its own slice.
         """
@@ -712,7 +712,7 @@ def split_layers(params: PyTree) -> PyTree:
     """`params` with the stacked layers as a tuple of per-layer trees (a copy of the layer
     weights). `hidden_cached` then runs the layers one by one on their own arrays: under a
     scan each decode step slices every layer's weights out of the stack, which XLA's CPU
-    backend does by copying them (three times the weight traffic of a step)."""
+    backend does by copying them, on top of the reads the step needs."""
     layers = params["layers"]
     count = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers)
