@@ -1,7 +1,6 @@
 """Two processes × 4 CPU devices (jax.distributed on localhost) compute what one process × 8 does."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from safetensors.numpy import load_file
 
 from dasd_jax import rewrite, train
 from configs import math as math_config
+from tests import processes
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
@@ -44,8 +44,8 @@ def free_port() -> int:
 
 def run_two_processes(stage: str, workdir: Path) -> None:
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    processes = [subprocess.Popen(
+    env = processes.environment(devices=4)
+    hosts = [subprocess.Popen(
         [sys.executable, "-m", f"dasd_jax.{stage}", "--config=configs/math.py:tiny",
          f"--config.workdir={workdir}", *SETTINGS,
          f"--config.distributed.coordinator=localhost:{port}",
@@ -53,11 +53,11 @@ def run_two_processes(stage: str, workdir: Path) -> None:
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in processes]
+        outputs = [p.communicate(timeout=300)[0] for p in hosts]
     finally:
-        for p in processes:
+        for p in hosts:
             p.kill()
-    for p, output in zip(processes, outputs):
+    for p, output in zip(hosts, outputs):
         assert p.returncode == 0, output[-3000:]
 
 

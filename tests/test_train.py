@@ -1,7 +1,6 @@
 """`python -m dasd_jax.train` end to end, as real processes: metrics, checkpoints, export, resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import transformers
 from dasd_jax import config_defaults, hf, train
 from dasd_jax.errors import UserError
 from configs import math as math_config
+from tests import processes
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick, but every part of the run: 1 device, checkpoints every 4 steps, log every step.
@@ -28,7 +28,7 @@ def train_command(workdir, *extra):
 
 
 def run(workdir, *extra, timeout=300):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = processes.environment(devices=1)
     return subprocess.run(train_command(workdir, *extra), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -73,7 +73,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_an_export_transformers_loads(un
 def test_a_killed_run_resumes_to_the_uninterrupted_losses_exactly(uninterrupted, tmp_path):
     expected = losses_by_step(uninterrupted[0])
     workdir = tmp_path / "killed"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = processes.environment(devices=1)
     process = subprocess.Popen(train_command(workdir), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -101,7 +101,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_losses_exactly(uninterrupted,
 @pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "preempted"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = processes.environment(devices=1)
     process = subprocess.Popen(train_command(workdir, "--config.train.steps=400"), cwd=REPO,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
