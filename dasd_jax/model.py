@@ -610,10 +610,12 @@ def _boxed_lora(cfg: ModelConfig, rng: Array) -> PyTree:
     return _boxed_variables(cfg, rng).get("lora", {})
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init(cfg: ModelConfig, rng: Array) -> PyTree:
     """Random params (HF-style normal(0.02) kernels, unit norms) as a plain pytree of arrays.
 
-    They do not depend on cfg's LoRA fields; the adapters come from `init_lora`.
+    They do not depend on cfg's LoRA fields; the adapters come from `init_lora`. Jitted: op by
+    op, Flax's init compiled about 90 small programs.
     """
     return nn.unbox(_boxed_init(cfg, rng))
 
