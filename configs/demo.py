@@ -46,6 +46,7 @@ def get_config(arg: str | None = None):
     config.demo.finetune_steps = 600
     config.demo.finetune_learning_rate = 1e-3
     config.demo.eval_examples = 100
+    config.demo.methods = ""  # comma-separated names of dasd_jax.demo.METHODS; empty: all of them
 
     if arg == "small":  # every stage runs, nothing is learned
         config.demo.update(pretrain_examples=256, pretrain_steps=10, finetune_examples=16,

@@ -6,7 +6,8 @@ The whole DASD pipeline, offline, in the generated arithmetic world of `tasks.sy
    examples (cached in `demo.cache_dir`, keyed by every setting that shapes it);
 2. rewrite the hard fine-tuning problems, whose references are in a foreign style, in `sdft` and
    `dasd` (co-decoding) modes;
-3. fine-tune the base nine ways (`METHODS`), each the same step with one setting changed: SFT
+3. fine-tune the base nine ways (`METHODS`, or the subset `demo.methods` names), each the same
+   step with one setting changed: SFT
    (`all` on the references), SDFT (`all` on the sdft rewrites), co-decoding alone (`all` on the
    dasd rewrites), DASD with each correction test (veto, base_unsure, reference_confident) on
    the dasd rewrites, DASD-veto on the sdft rewrites (selection without co-decoding), the PPL
@@ -29,6 +30,7 @@ from typing import Any
 import jax
 
 from dasd_jax import analyze, atomic, evaluate, rewrite, stages, train, validation
+from dasd_jax.errors import UserError
 from dasd_jax.pipeline import stage_config, training_means, write_jsonl
 from dasd_jax.tasks import synthetic
 
@@ -45,6 +47,16 @@ METHODS = {  # name: (rule, training file, target, selection overrides)
     "PPL filter": ("ppl_filter", DASD_FILE, "response", {}),
     "random": ("random", DASD_FILE, "response", {}),
 }
+
+
+def chosen_methods(config: Any) -> dict:
+    """The METHODS `demo.methods` names (comma-separated; empty: all), in METHODS' order."""
+    names = [name.strip() for name in config.demo.methods.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise UserError(f"--config.demo.methods: {unknown[0]!r} is not a demo method; choose "
+                        f"from {', '.join(METHODS)} (comma-separated; empty runs all of them)")
+    return {name: method for name, method in METHODS.items() if not names or name in names}
 
 
 def cache_key(config: Any, records: list[dict]) -> str:
@@ -96,6 +108,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations.
     Each method's kept ratio and token composition are the means over its training run."""
     validation.validate(config)  # each stage below finalizes its own copy (its own {workdir})
+    methods = {**chosen_methods(config), **(extra_methods or {})}
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
     timings: dict[str, float] = {}
@@ -128,8 +141,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     results["base"] = _scores(base_eval)
     timings["evaluate"] = time.perf_counter() - started
     timings["finetune"] = 0.0
-    for name, (rule, training_file, target, selection) in {**METHODS,
-                                                            **(extra_methods or {})}.items():
+    for name, (rule, training_file, target, selection) in methods.items():
         run_dir = workdir / name.lower().replace(" ", "_").replace("=", "")
         shutil.rmtree(run_dir, ignore_errors=True)
         stage = stage_config(
@@ -154,7 +166,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
         analyze=dict(sources=sources, output=str(workdir / "analysis"))))
     timings["analyze"] = time.perf_counter() - started
     source_of = {DASD_FILE: "dasd", SDFT_FILE: "sdft"}
-    for name, (rule, training_file, target, _) in {**METHODS, **(extra_methods or {})}.items():
+    for name, (rule, training_file, target, _) in methods.items():
         if rule == "all":  # every token is kept: the set's own high-PPL share, from the analysis
             source = "references" if target == "reference" else source_of[training_file]
             results[name]["kept_high_ppl"] = analysis[source]["high_ppl_10"]

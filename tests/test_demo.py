@@ -1,4 +1,4 @@
-"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, nine fine-tunes,
+"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, a fine-tune of each rule,
 evaluation, analysis, one table."""
 
 import json
@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dasd_jax import demo, stages
+from dasd_jax.errors import UserError
 from configs import demo as demo_config
 
 
@@ -14,14 +15,17 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
     config = demo_config.get_config("small")
     config.workdir = str(tmp_path / "run")
     config.demo.cache_dir = str(tmp_path / "cache")
+    # Every training rule and target once (each method of METHODS is one setting of these).
+    config.demo.methods = "SFT, DASD,PPL filter,random"
     ablation = {"DASD gamma=1": ("dasd", "rewrites_dasd.jsonl", "response", {"gamma": 1.0})}
     table = demo.run(config, extra_methods=ablation)
 
-    assert set(table["results"]) == {"base", *demo.METHODS, "DASD gamma=1"}
+    assert list(table["results"]) == ["base", "SFT", "DASD", "PPL filter", "random",
+                                      "DASD gamma=1"]
     for name, scores in table["results"].items():
         assert 0 <= scores["hard"] <= 1 and 0 <= scores["easy"] <= 1, name
     results = table["results"]
-    assert results["SFT"]["kept_ratio"] == results["co-decoding"]["kept_ratio"] == 1.0
+    assert results["SFT"]["kept_ratio"] == 1.0
     assert results["SFT"]["kept_high_ppl"] == table["high_ppl_10"]["references"]
     # The same batches: random keeps as many tokens as DASD; the PPL filter a subset of them.
     assert results["random"]["kept_ratio"] == pytest.approx(results["DASD"]["kept_ratio"])
@@ -43,6 +47,17 @@ def test_the_demo_pipeline_runs_every_stage_and_prints_its_table(tmp_path, capsy
     assert "cached at" in capsys.readouterr().out
 
 
+def test_demo_methods_name_a_subset_and_a_typo_is_refused_with_the_choices():
+    config = demo_config.get_config("small")
+    assert list(demo.chosen_methods(config)) == list(demo.METHODS)
+    config.demo.methods = "random,SFT"
+    assert list(demo.chosen_methods(config)) == ["SFT", "random"]
+    config.demo.methods = "SFT,DASDD"
+    with pytest.raises(UserError, match=r"^--config.demo.methods: 'DASDD' is not a demo method; "
+                                        r"choose from SFT, SDFT, co-decoding, DASD, "):
+        demo.chosen_methods(config)
+
+
 def test_the_gpu_variant_runs_the_same_pipeline_on_a_larger_base():
     config = demo_config.get_config("gpu")
     cfg = stages.model_config_only(config)
@@ -53,7 +68,6 @@ def test_the_gpu_variant_runs_the_same_pipeline_on_a_larger_base():
 
 def test_the_demo_is_its_own_command_and_no_task_config_carries_it(capsys):
     from configs import math as math_config
-    from dasd_jax.errors import UserError
     assert "demo" not in math_config.get_config() and "demo" in demo_config.get_config()
     with pytest.raises(UserError, match=r"python -m dasd_jax.demo --config=configs/demo.py"):
         math_config.get_config("demo")
