@@ -15,6 +15,10 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } || \
 	  echo "shellcheck is not installed: the launch scripts' lint test will be skipped"
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } || \
+	  echo "chromium is not installed: the token page's browser test will be skipped"
 	touch $@
 
 ## demo: the embedded DASD demo: pretrain a base, rewrite, fine-tune nine ways, evaluate, analyze

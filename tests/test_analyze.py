@@ -7,6 +7,7 @@ import pytest
 
 from dasd_jax import analyze, rewrite
 from dasd_jax.errors import UserError
+from dasd_jax.tools import screenshot
 from configs import math as math_config
 
 
@@ -67,6 +68,30 @@ def test_analysis_writes_a_summary_a_plot_and_a_well_formed_token_page(analysis)
     assert "structural" in classes  # every reference ends with its eos token
     assert all(span["title"].split(":")[0] == span["class"] and " b=" in span["title"]
                and " q=" in span["title"] and " r=" in span["title"] for span in page.spans)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.skipif(screenshot.find_browser() is None,
+                    reason="no Chromium-family browser on PATH (apt install chromium)")
+def test_the_token_page_renders_in_a_browser_in_its_category_colours(analysis, tmp_path):
+    from PIL import Image
+
+    workdir, _ = analysis
+    png = screenshot.screenshot(workdir / "analysis" / "tokens.html", tmp_path / "page.png",
+                                width=900, height=700)
+    image = Image.open(png).convert("RGB")
+    assert image.size == (900, 700)
+    shown = {colour for _, colour in image.getcolors(maxcolors=900 * 700)}
+    for category in ("aligned", "structural"):
+        colour = analyze.CATEGORY_COLORS[category]
+        assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in shown, category
+
+
+def test_a_screenshot_of_a_missing_page_names_it(tmp_path):
+    with pytest.raises(UserError, match=r"nope.html: no such page"):
+        screenshot.screenshot(tmp_path / "nope.html", tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_sources_must_name_a_path():
