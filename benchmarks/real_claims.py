@@ -64,8 +64,10 @@ SIZES = {  # the CPU setting and the GPU one
 def base_config(args, sizes: dict):
     config = math_config.get_config("smollm2")
     config.model.path = str(Path(args.checkpoint).expanduser())
-    config.rewrite.update(input=str(DATA / "gsm8k" / "train.jsonl"), limit=sizes["train"],
-                          alpha=args.alpha, sure_reference=args.sure_reference)
+    config.rewrite.update(input=str(DATA / "gsm8k" / "train.jsonl"), limit=sizes["train"])
+    for name in ("alpha", "sure_reference"):  # the :smollm2 variant's unless given
+        if getattr(args, name) is not None:
+            config.rewrite[name] = getattr(args, name)
     config.train.update(steps=sizes["steps"], batch_size=sizes["batch"],
                         micro_batches=sizes["micro"], learning_rate=args.learning_rate,
                         warmup_steps=max(1, sizes["steps"] // 8),
@@ -102,8 +104,8 @@ def run(args) -> dict:
                                                                   "steps") if getattr(args, k)}}
     workdir = Path(args.workdir)
     config = base_config(args, sizes)
-    timings, table = {}, {"results": {}, "sizes": sizes, "alpha": args.alpha,
-                          "sure_reference": args.sure_reference}
+    timings, table = {}, {"results": {}, "sizes": sizes, "alpha": config.rewrite.alpha,
+                          "sure_reference": config.rewrite.sure_reference}
     started = time.perf_counter()
     files = {}
     for mode in ("sdft", "dasd"):
@@ -225,8 +227,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="~/.cache/dasd_jax/SmolLM2-135M-Instruct")
     parser.add_argument("--workdir", default="/tmp/dasd_jax_real_claims")
     parser.add_argument("--gpu", action="store_true", help="the larger setting")
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--sure_reference", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, help="co-decoding's alpha (default: the config's)")
+    parser.add_argument("--sure_reference", type=float, help="default: the config's")
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--analyze_limit", type=int, default=64)
     parser.add_argument("--extra", default="", help=f"comma-separated, of {', '.join(EXTRA)}")
