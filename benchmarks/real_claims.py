@@ -15,9 +15,10 @@ the base is fine-tuned four ways, the same step with one setting changed (SFT = 
 references, SDFT = `all` on the sdft rewrites, DASD = the default rule on the dasd rewrites,
 random = as many random tokens as DASD keeps; `--methods` picks among them and EXTRA); every
 model and the base are evaluated on the first --test GSM8K test problems (greedy) and, for
-forgetting, on the first --commonsense items of ARC-Easy, ARC-Challenge, PIQA, BoolQ and CommonsenseQA (log-likelihood);
-`analyze` measures the training sets (high-PPL ratios, token categories, tokens.html). Prints a
-Markdown table and verdicts for benchmarks/RESULTS.md and writes {workdir}/real_claims.json.
+forgetting, on the first --commonsense items of ARC-Easy, ARC-Challenge, PIQA, BoolQ and
+CommonsenseQA (log-likelihood); `analyze` measures the training sets (high-PPL ratios, token
+categories, tokens.html). Prints a Markdown table and verdicts for benchmarks/RESULTS.md and
+writes {workdir}/real_claims.json.
 
 Criteria (one seed; n = the examples of a task, se = sqrt(p (1 - p) / n)):
   (a) the sdft rewrites have a high-PPL ratio (1/b > 10) of at least 5%, corrections and drift

@@ -7,11 +7,11 @@ The whole DASD pipeline, offline, in the generated arithmetic world of `tasks.sy
 2. rewrite the hard fine-tuning problems, whose references are in a foreign style, in `sdft` and
    `dasd` (co-decoding) modes;
 3. fine-tune the base nine ways (`METHODS`, or the subset `demo.methods` names), each the same
-   step with one setting changed: SFT
-   (`all` on the references), SDFT (`all` on the sdft rewrites), co-decoding alone (`all` on the
-   dasd rewrites), DASD with each correction test (veto, base_unsure, reference_confident) on
-   the dasd rewrites, DASD-veto on the sdft rewrites (selection without co-decoding), the PPL
-   filter, and random selection at DASD-veto's keep rate;
+   step with one setting changed: SFT (`all` on the references), SDFT (`all` on the sdft
+   rewrites), co-decoding alone (`all` on the dasd rewrites), DASD with each correction test
+   (veto, base_unsure, reference_confident) on the dasd rewrites, DASD-veto on the sdft rewrites
+   (selection without co-decoding), the PPL filter, and random selection at DASD-veto's keep
+   rate;
 4. evaluate every model on held-out hard problems (the gain) and easy native ones (forgetting),
    analyze the training sets (high-PPL ratios, token categories, plots, token page),
 and print one table. Every stage is the package's real code path (`train.train`,

@@ -1,5 +1,5 @@
-"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, a fine-tune of each rule,
-evaluation, analysis, one table."""
+"""The embedded demo pipeline end to end at a test's size: pretrain, rewrite, a fine-tune of each
+rule, evaluation, analysis, one table."""
 
 import json
 

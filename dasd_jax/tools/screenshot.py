@@ -51,7 +51,8 @@ def screenshot(page: Path, out: Path, *, width: int = 1100, height: int = 900) -
             raise UserError(f"{browser} took over {TIMEOUT_S} s to render {page}") from None
         if result.returncode != 0 or not taken.is_file():
             detail = " ".join(result.stderr.split())[-400:]
-            raise UserError(f"{browser} could not render {page} (exit {result.returncode}): {detail}")
+            raise UserError(f"{browser} could not render {page} (exit {result.returncode}): "
+                            f"{detail}")
         atomic.write_bytes(out, taken.read_bytes())
     return out
 
