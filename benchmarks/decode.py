@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype)
-    params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
+    params = model.init(cfg, jax.random.key(0))
     bandwidth = measured_bandwidth(args.copy_gib)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     settings = sampling.Settings(max_new_tokens=args.new_tokens, prompt_buckets=(args.prompt_len,))

@@ -44,7 +44,7 @@ def main() -> dict:
 
     cfg = SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype,
                                      attention_impl=args.attention_impl)
-    params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
+    params = model.init(cfg, jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(
         0, cfg.vocab_size, (args.batch, args.seq_len)), jnp.int32)
     forward = jax.jit(model.forward, static_argnums=0)

@@ -57,7 +57,7 @@ def llama(checkpoint_dir):
 
 @pytest.fixture(scope="module")
 def step_params():
-    return jax.jit(model.init, static_argnums=0)(STEP_CFG, jax.random.key(0))
+    return model.init(STEP_CFG, jax.random.key(0))
 
 
 def adapted_logits(llama):
@@ -82,9 +82,8 @@ def test_adapters_off_is_the_base_forward_bit_for_bit(llama):
 @pytest.mark.slow
 def test_lora_params_are_a_separate_tree_stacked_and_sharded_like_their_kernels(llama):
     _, cfg, params, adapters = llama
-    init = jax.jit(model.init, static_argnums=0)
-    jax.tree.map(np.testing.assert_array_equal, init(cfg, jax.random.key(3)),
-                 init(model.adapters_off(cfg), jax.random.key(3)))
+    jax.tree.map(np.testing.assert_array_equal, model.init(cfg, jax.random.key(3)),
+                 model.init(model.adapters_off(cfg), jax.random.key(3)))
     q = adapters["layers"]["self_attn"]["q_proj"]
     o = adapters["layers"]["self_attn"]["o_proj"]
     assert q["lora_a"].shape == (cfg.num_layers, cfg.hidden_size, RANK)

@@ -17,7 +17,7 @@ forward = jax.jit(model.forward, static_argnums=0)
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(model.init, static_argnums=0)(CFG, jax.random.key(0))
+    return model.init(CFG, jax.random.key(0))
 
 
 @pytest.mark.slow
