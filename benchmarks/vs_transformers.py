@@ -17,10 +17,12 @@ checkpoint's chat template) and the same threads. It measures
   batch of --workload_batch rows), transformers' `generate` on padded batches of the same size;
   total wall time;
 * the train step on a batch of 4 x 256 tokens (response = the last 3/4): dasd_jax's SFT step
-  (rule `all`) and DASD step (rule `dasd`, frozen base forward in the step), both AdamW, and a
+  (rule `all`) and DASD step (rule `dasd`, with the frozen base forward in the step, and with
+  the base signals a rewrite records, `base_confidence="cached"`), all AdamW, and a
   torch AdamW step (forward, masked cross-entropy, backward, step) on the same batch; tokens/s.
 
-Each timing is the best of --repeats runs after a warm-up (compilation is excluded). Prints a
+Each timing is the best of --repeats runs after a warm-up (compilation is excluded), the stacks
+taking turns run by run (the workload runs once per stack). Prints a
 table with the ratio dasd_jax / transformers (> 1: dasd_jax is faster) and writes the numbers
 as JSON to --out. Record them in benchmarks/RESULTS.md with the date, machine and versions.
 """
@@ -43,15 +45,22 @@ import transformers
 from dasd_jax import config_defaults, data, hf, model, sampling, sharding, step
 
 
-def best_of(repeats: int, run) -> float:
-    """Seconds of the fastest of `repeats` calls of run() (after one warm-up call)."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def fastest(repeats: int, **runs) -> dict[str, float]:
+    """{name: seconds of the fastest of `repeats` calls of run()}, after one warm-up call each.
+
+    The runs take turns (one call of each per round), so a drift in this VM's speed, which
+    reaches ±15% within minutes, hits every stack alike instead of favouring whichever ran
+    in a fast spell.
+    """
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(seconds) for name, seconds in times.items()}
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
@@ -76,10 +85,15 @@ def forward(args, cfg, params, torch_model, prompts) -> dict:
     batch, length = 8, 256
     tokens = np.asarray([(p * (length // len(p) + 1))[:length] for p in prompts[:batch]], np.int32)
     jitted = jax.jit(model.forward, static_argnums=0)
-    ours = best_of(args.repeats, lambda: jitted(cfg, params, tokens).block_until_ready())
     ids = torch.from_numpy(tokens.astype(np.int64))
-    with torch.no_grad():
-        theirs = best_of(args.repeats, lambda: torch_model(ids).logits)
+
+    def torch_forward():
+        with torch.no_grad():
+            return torch_model(ids).logits
+
+    seconds = fastest(args.repeats, ours=lambda: jitted(cfg, params, tokens).block_until_ready(),
+                      theirs=torch_forward)
+    ours, theirs = seconds["ours"], seconds["theirs"]
     return {"work": f"teacher-forced forward {batch} x {length}", "dasd_jax": batch * length / ours,
             "transformers": batch * length / theirs, "unit": "tokens/s"}
 
@@ -88,7 +102,6 @@ def greedy(args, cfg, params, torch_model, tokenizer, prompts, batch: int) -> di
     rows = prompts[:batch]
     settings = sampling.Settings(max_new_tokens=args.new_tokens,
                                  prompt_buckets=sampling.DEFAULT_PROMPT_BUCKETS)
-    ours = best_of(args.repeats, lambda: sampling.generate(cfg, params, rows, settings))
     decoded = sampling.generate(cfg, params, rows, settings)
     ids, mask = padded_left(rows, tokenizer.pad_token_id or 0)
 
@@ -98,7 +111,9 @@ def greedy(args, cfg, params, torch_model, tokenizer, prompts, batch: int) -> di
                                         min_new_tokens=args.new_tokens, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id)
 
-    theirs = best_of(args.repeats, torch_generate)
+    seconds = fastest(args.repeats, ours=lambda: sampling.generate(cfg, params, rows, settings),
+                      theirs=torch_generate)
+    ours, theirs = seconds["ours"], seconds["theirs"]
     expected = torch_generate()[:, ids.shape[1]:].tolist()
     prefixes = [next((i for i, (a, b) in enumerate(zip(r.tokens, e)) if a != b), len(e))
                 for r, e in zip(decoded, expected)]
@@ -145,24 +160,28 @@ def train_steps(args, cfg, params, torch_model, prompts) -> list[dict]:
     host_batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": loss_mask,
                   "fallback": no, "structural": no, "ref_logprob": nan, "base_logprob": nan,
                   "base_top1": nan, "ref_logprob_base_choice": nan, "ref_top1": nan}
+    # What a rewrite records for "cached" (any finite values time the same).
+    cached_batch = {**host_batch, "base_logprob": np.full((batch, length), -1.0, np.float32),
+                    "base_top1": np.full((batch, length), 0.5, np.float32)}
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    results = {}
-    for rule in ("all", "dasd"):
+    runs = {}
+    for name, rule, confidence in (("all", "all", "model"), ("dasd", "dasd", "model"),
+                                   ("dasd_cached", "dasd", "cached")):
         config = config_defaults.base_config()
         config.model.update(compute_dtype="float32", param_dtype="float32")
         config.train.update(steps=1000, warmup_steps=10, batch_size=batch, learning_rate=1e-5,
-                            base_dtype="float32")
+                            base_dtype="float32", base_confidence=confidence)
         config.selection.rule = rule
         run = step.setup(config, cfg, mesh)
-        base, placed = run.base_params(params), run.place(host_batch)
+        base = run.base_params(params)
+        placed = run.place(cached_batch if confidence == "cached" else host_batch)
         holder = {"state": run.init_state(params)}
 
-        def train_once():
+        def train_once(run=run, base=base, placed=placed, holder=holder):
             holder["state"], metrics = run.train_step(holder["state"], base, placed)
             jax.block_until_ready(metrics)
 
-        results[rule] = best_of(args.repeats, train_once)
-        del holder
+        runs[name] = train_once
     ids = torch.from_numpy(tokens.astype(np.int64))
     labels = torch.from_numpy(np.where(np.roll(loss_mask, 1, 1), tokens, -100).astype(np.int64))
     torch_model.train()
@@ -173,14 +192,18 @@ def train_steps(args, cfg, params, torch_model, prompts) -> list[dict]:
         torch_model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
 
-    theirs = best_of(args.repeats, torch_step)
+    results = fastest(args.repeats, **runs, torch=torch_step)
+    theirs = results["torch"]
     torch_model.eval()
     size = batch * length
     return [{"work": f"train step SFT {batch} x {length}, AdamW", "dasd_jax": size / results["all"],
              "transformers": size / theirs, "unit": "tokens/s"},
             {"work": f"train step DASD {batch} x {length} (base forward in the step)",
              "dasd_jax": size / results["dasd"], "transformers": size / theirs, "unit": "tokens/s",
-             "dasd_over_sft_time": results["dasd"] / results["all"]}]
+             "dasd_over_sft_time": results["dasd"] / results["all"]},
+            {"work": f"train step DASD {batch} x {length} (base signals cached by the rewrite)",
+             "dasd_jax": size / results["dasd_cached"], "transformers": size / theirs,
+             "unit": "tokens/s", "dasd_over_sft_time": results["dasd_cached"] / results["all"]}]
 
 
 def ratio(row: dict) -> float:

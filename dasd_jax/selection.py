@@ -55,7 +55,7 @@ class Signals(NamedTuple):
 
     loss_mask: bool, True on response targets (never on prompt or padding).
     fallback / structural: bool, response targets of a fallback line / structural targets.
-    base_logprob / base_top1 / base_entropy: log π0(ŷ_t), max_v π0(v), H(π0) under the base.
+    base_logprob / base_top1: log π0(ŷ_t) and max_v π0(v) under the base.
     ref_logprob: log πref(ŷ_t) recorded by the rewrite; NaN where there is none.
     ref_logprob_base_choice / ref_top1: log πref(argmax π0) and log max πref, likewise.
     trainee_logprob / trainee_top1: the same under the current trainee, without gradient.
@@ -64,7 +64,6 @@ class Signals(NamedTuple):
     loss_mask: Array
     base_logprob: Array | None = None
     base_top1: Array | None = None
-    base_entropy: Array | None = None
     ref_logprob: Array | None = None
     trainee_logprob: Array | None = None
     trainee_top1: Array | None = None

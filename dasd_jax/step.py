@@ -152,7 +152,7 @@ def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Sig
     if config.train.base_confidence == "cached":
         found.update(base_logprob=batch["base_logprob"], base_top1=batch["base_top1"])
     elif "base" in needed:
-        stats = _target_stats(base_cfg, base_params, batch, chunk, ("logprob", "top1", "entropy"))
+        stats = _target_stats(base_cfg, base_params, batch, chunk, ("logprob", "top1"))
         found.update({f"base_{k}": jax.lax.stop_gradient(v) for k, v in stats.items()})
     if "trainee" in needed:
         trainee_params, adapters = _trainee_weights(config, params, base_params)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from dasd_jax import model
 
@@ -87,3 +88,38 @@ def test_num_params_counts_every_array(params):
 def test_bad_config_names_each_problem():
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4.*remat_policy"):
         CFG.replace(num_heads=6, num_kv_heads=4, remat_policy="sometimes")
+
+
+@pytest.mark.parametrize("contract", [1, 2])
+def test_the_cpu_backward_of_a_projection_equals_autodiff(contract):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 5, 4, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(4, 6, 7)[2 - contract:]), jnp.float32)
+    dims = ((tuple(range(4 - contract, 4)), tuple(range(contract))), ((), ()))
+
+    def loss(project):
+        return lambda x, k: jnp.sum(jnp.sin(project(x, k)))
+
+    expected = jax.grad(loss(lambda x, k: jax.lax.dot_general(x, k, dims)), (0, 1))(x, kernel)
+    got = jax.jit(jax.grad(loss(lambda x, k: model._project(x, k, contract)), (0, 1)))(x, kernel)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_remat_policy_that_saves_dots_keeps_autodiffs_projection(capsys):
+    """A dots-saving policy cannot see a product inside a custom VJP: such configs must keep
+    autodiff's projection, or they would silently rematerialize everything."""
+    x = jnp.ones((1, 8, CFG.hidden_size))
+    cos, sin = model.rope_tables(CFG, jnp.arange(8)[None])
+
+    def saved_dots(cfg):
+        layer = model.DecoderLayer(cfg)
+        variables = layer.init(jax.random.key(0), (x, None), cos, sin, None)
+        run = jax.checkpoint(lambda v, x: jnp.sum(layer.apply(v, (x, None), cos, sin, None)[0][0]),
+                             policy=jax.checkpoint_policies.checkpoint_dots)
+        print_saved_residuals(run, variables, x)
+        return capsys.readouterr().out.count("output of dot_general")
+
+    assert saved_dots(CFG.replace(remat_policy="dots")) >= 7
+    assert saved_dots(CFG) < 7
