@@ -15,7 +15,8 @@ checkpoint's chat template) and the same threads. It measures
   until its end-of-turn token or --workload_tokens (default 256), each stack used the way it
   would be for the job: dasd_jax's `sampling.generate_all` (continuous batching over a fixed
   batch of --workload_batch rows), transformers' `generate` on padded batches of the same size;
-  total wall time;
+  total wall time (it includes dasd_jax's compiles), and dasd_jax's split of it into prefills,
+  decode loops and compiles, with its count of decode steps;
 * the train step on a batch of 4 x 256 tokens (response = the last 3/4): dasd_jax's SFT step
   (rule `all`) and DASD step (rule `dasd`, with the frozen base forward in the step, and with
   the base signals a rewrite records, `base_confidence="cached"`), all AdamW, and a
@@ -124,6 +125,49 @@ def greedy(args, cfg, params, torch_model, tokenizer, prompts, batch: int) -> di
             "mean_equal_prefix": float(np.mean(prefixes))}
 
 
+class PhaseTimer:
+    """Wraps `sampling`'s device calls so one `generate_all` run splits its wall time into
+    prefills (a refill's prompts into the cache), decode loops and their compiles.
+
+    Each wrapped call blocks until its result is ready; `decode_all` already waits for every
+    decode loop's `done` flags, so this adds no synchronisation the run did not have.
+    """
+
+    PHASES = {"_prefill": "prefill", "_refill": "prefill", "_decode": "decode"}
+
+    def __init__(self):
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "compile": 0.0}
+        self.calls = {"prefill": 0, "decode": 0}
+        self.decode_steps = 0
+        self._originals = {}
+
+    def __enter__(self):
+        for name, phase in self.PHASES.items():
+            self._originals[name] = original = getattr(sampling, name)
+            setattr(sampling, name, self._timed(original, phase))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            setattr(sampling, name, original)
+
+    def _timed(self, jitted, phase: str):
+        def run(*args, **kwargs):
+            compiled_before = jitted._cache_size()
+            start = time.perf_counter()
+            out = jax.block_until_ready(jitted(*args, **kwargs))
+            seconds = time.perf_counter() - start
+            first_of_its_shape = jitted._cache_size() > compiled_before
+            self.seconds["compile" if first_of_its_shape else phase] += seconds
+            if jitted is self._originals["_prefill"]:
+                self.calls["prefill"] += 1
+            if phase == "decode":
+                self.calls["decode"] += 1
+                self.decode_steps = int(out["step"])
+            return out
+        return run
+
+
 def workload(args, cfg, params, torch_model, tokenizer, prompts) -> dict:
     questions = prompts[:args.workload]
     stops = sampling.stop_ids(cfg, tokenizer)
@@ -131,7 +175,8 @@ def workload(args, cfg, params, torch_model, tokenizer, prompts) -> dict:
                                  prompt_buckets=sampling.DEFAULT_PROMPT_BUCKETS)
     size = args.workload_batch
     started = time.perf_counter()
-    ours = sampling.generate_all(cfg, params, questions, settings, batch_size=size)
+    with PhaseTimer() as phases:
+        ours = sampling.generate_all(cfg, params, questions, settings, batch_size=size)
     ours_seconds = time.perf_counter() - started
     started = time.perf_counter()
     theirs_tokens = 0
@@ -148,7 +193,9 @@ def workload(args, cfg, params, torch_model, tokenizer, prompts) -> dict:
     return {"work": f"rewrite-like: {len(questions)} questions, stop at EOS, <= "
                     f"{args.workload_tokens} new, batch {size}",
             "dasd_jax": ours_seconds, "transformers": theirs_seconds, "unit": "s (lower wins)",
-            "dasd_jax_tokens": sum(len(r.tokens) for r in ours), "transformers_tokens": theirs_tokens}
+            "dasd_jax_tokens": sum(len(r.tokens) for r in ours), "transformers_tokens": theirs_tokens,
+            "dasd_jax_seconds": {k: round(v, 1) for k, v in phases.seconds.items()},
+            "dasd_jax_calls": phases.calls, "dasd_jax_decode_steps": phases.decode_steps}
 
 
 def train_steps(args, cfg, params, torch_model, prompts) -> list[dict]:
@@ -257,7 +304,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for row in rows:
         extra = "".join(f", {k} {v}" for k, v in row.items()
-                        if k in ("equal_rows", "mean_equal_prefix", "dasd_over_sft_time"))
+                        if k in ("equal_rows", "mean_equal_prefix", "dasd_over_sft_time",
+                                 "dasd_jax_seconds", "dasd_jax_calls", "dasd_jax_decode_steps"))
         print(f"| {row['work']}{extra} | {row['dasd_jax']:,.1f} | {row['transformers']:,.1f} "
               f"{row['unit']} | {ratio(row):.2f} |")
 
