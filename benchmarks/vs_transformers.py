@@ -130,7 +130,7 @@ class PhaseTimer:
     prefills (a refill's prompts into the cache), decode loops and their compiles.
 
     Each wrapped call blocks until its result is ready; `decode_all` already waits for every
-    decode loop's `done` flags, so this adds no synchronisation the run did not have.
+    decode loop's `done` flags, so this adds only the waits after a refill's prefill.
     """
 
     PHASES = {"_prefill": "prefill", "_refill": "prefill", "_decode": "decode"}
@@ -193,7 +193,8 @@ def workload(args, cfg, params, torch_model, tokenizer, prompts) -> dict:
     return {"work": f"rewrite-like: {len(questions)} questions, stop at EOS, <= "
                     f"{args.workload_tokens} new, batch {size}",
             "dasd_jax": ours_seconds, "transformers": theirs_seconds, "unit": "s (lower wins)",
-            "dasd_jax_tokens": sum(len(r.tokens) for r in ours), "transformers_tokens": theirs_tokens,
+            "dasd_jax_tokens": sum(len(r.tokens) for r in ours),
+            "transformers_tokens": theirs_tokens,
             "dasd_jax_seconds": {k: round(v, 1) for k, v in phases.seconds.items()},
             "dasd_jax_calls": phases.calls, "dasd_jax_decode_steps": phases.decode_steps}
 

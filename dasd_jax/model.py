@@ -401,7 +401,8 @@ class Linear(nn.Module):
         if self.cpu_backward:
             y = _project(x_in, kernel_in, self.contract)
         else:
-            y = jax.lax.dot_general(x_in, kernel_in, (_contracting(x.ndim, self.contract), ((), ())))
+            dims = (_contracting(x.ndim, self.contract), ((), ()))
+            y = jax.lax.dot_general(x_in, kernel_in, dims)
         if self.lora_rank:
             y = y + self._low_rank_update(x, in_shape)
         if self.use_bias:
