@@ -28,20 +28,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dasd_jax import config_defaults, hf, model, sharding, step
 import step as step_benchmark  # benchmarks/step.py
-
-
-def make_batch(cfg: model.ModelConfig, batch: int, length: int, cached: bool) -> dict:
-    """benchmarks/step.py's batch (random tokens, a 25% prompt), with finite base signals in
-    place of NaN when the step reads them cached."""
-    found = step_benchmark.make_batch(cfg, batch, length)
-    if cached:
-        found.update(base_logprob=np.full((batch, length), -1.0, np.float32),
-                     base_top1=np.full((batch, length), 0.5, np.float32))
-    return found
 
 
 def trace_events(trace_dir: str) -> list[dict]:
@@ -84,7 +73,10 @@ def main() -> None:
     config.selection.rule = args.rule
     run = step.setup(config, cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     base = run.base_params(params)
-    batch = run.place(make_batch(cfg, args.batch, args.seq_len, args.base_confidence == "cached"))
+    batch = step_benchmark.make_batch(cfg, args.batch, args.seq_len)
+    if args.base_confidence == "cached":
+        batch = step_benchmark.with_cached_base_signals(batch)
+    batch = run.place(batch)
     state = run.init_state(params)
     del params
     hlo = run.train_step.lower(state, base, batch).compile().as_text()

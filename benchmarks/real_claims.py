@@ -120,7 +120,7 @@ def run(args) -> dict:
     files = {}
     for mode in ("sdft", "dasd"):
         files[mode] = workdir / f"rewrites_{mode}.jsonl"
-        finished = files[mode].with_name(files[mode].name + ".summary.json")
+        finished = rewrite.summary_path(files[mode])
         if args.resume and finished.is_file():
             summary = json.loads(finished.read_text())
         else:

@@ -34,6 +34,14 @@ def make_batch(cfg: model.ModelConfig, batch: int, seq_len: int) -> dict:
             "base_top1": nan, "ref_logprob_base_choice": nan, "ref_top1": nan}
 
 
+def with_cached_base_signals(batch: dict) -> dict:
+    """`batch` with finite base signals in place of NaN, as a rewrite records them for
+    `train.base_confidence="cached"` (any finite values time the same)."""
+    shape = batch["tokens"].shape
+    return {**batch, "base_logprob": np.full(shape, -1.0, np.float32),
+            "base_top1": np.full(shape, 0.5, np.float32)}
+
+
 def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
     config = config_defaults.base_config()
     config.model.update(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,

@@ -44,6 +44,7 @@ import torch
 import transformers
 
 from dasd_jax import config_defaults, data, hf, model, sampling, sharding, step
+import step as step_benchmark  # benchmarks/step.py
 
 
 def fastest(repeats: int, **runs) -> dict[str, float]:
@@ -208,9 +209,7 @@ def train_steps(args, cfg, params, torch_model, prompts) -> list[dict]:
     host_batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": loss_mask,
                   "fallback": no, "structural": no, "ref_logprob": nan, "base_logprob": nan,
                   "base_top1": nan, "ref_logprob_base_choice": nan, "ref_top1": nan}
-    # What a rewrite records for "cached" (any finite values time the same).
-    cached_batch = {**host_batch, "base_logprob": np.full((batch, length), -1.0, np.float32),
-                    "base_top1": np.full((batch, length), 0.5, np.float32)}
+    cached_batch = step_benchmark.with_cached_base_signals(host_batch)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     runs = {}
     for name, rule, confidence in (("all", "all", "model"), ("dasd", "dasd", "model"),

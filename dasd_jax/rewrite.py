@@ -62,6 +62,11 @@ def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
+def summary_path(path: Path) -> Path:
+    """Where a finished rewrite into `path` writes its summary (`rewrite`'s return value)."""
+    return path.with_name(path.name + ".summary.json")
+
+
 def written_by(path: str | os.PathLike, config: Any) -> bool:
     """Whether the rewrite file at `path` was written by the model `config` loads (its
     .meta.json), so that the base signals it recorded are this model's."""
@@ -375,8 +380,7 @@ def rewrite(config: Any) -> dict:
     progress.close()
     summary = summarize(output.records(), skipped, skipped_ids)
     if primary:
-        atomic.write_text(output.path.with_name(output.path.name + ".summary.json"),
-                          json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(summary_path(output.path), json.dumps(summary, indent=2) + "\n")
         print(f"rewrote {summary['records']} records into {output.path}: "
               f"{summary['kept']} kept ({summary['acceptance_rate']:.1%}), fallbacks "
               f"{summary['fallback_reasons']}, skipped {dict(skipped)}")
