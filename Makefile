@@ -10,8 +10,11 @@ $(VENV)/.runtime-installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
 	touch $@
 
-$(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
+$(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt requirements-compile.txt
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/accelerator-compilers \
+	  -r requirements-compile.txt || \
+	  echo "the TPU / GPU compilers could not be installed: the fit-check tests will be skipped"
 	command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } || \
 	  echo "shellcheck is not installed: the launch scripts' lint test will be skipped"

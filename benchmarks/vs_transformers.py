@@ -300,7 +300,7 @@ def main() -> None:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "checkpoint": checkpoint, "rows": rows}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| work | dasd_jax | transformers | ratio (> 1: dasd_jax faster) |")
+    print("| work | dasd_jax | transformers | ratio (> 1: dasd_jax faster) |")
     print("|---|---|---|---|")
     for row in rows:
         extra = "".join(f", {k} {v}" for k, v in row.items()

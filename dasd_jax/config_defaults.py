@@ -18,7 +18,13 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.workdir = ""  # required: checkpoints, metrics.jsonl, TensorBoard logs, HF export
     config.seed = 0
-    config.dry_run = False  # print param count and per-device memory of the compiled step, exit
+    # Compile every program of the pipeline for `compile_for` and say whether it fits, then exit
+    # (dasd_jax/fit_check.py); nothing is loaded or run.
+    config.dry_run = False
+    # The hardware programs are compiled for: "" = this machine, or a TPU slice / GPU host that
+    # need not be present: v5e:4x4, v6e:2x4, v5p:2x2x2, v4:2x2x2, h100x8, h200x8, a100x8
+    # (dasd_jax/targets.py). Used by dry runs.
+    config.compile_for = ""
 
     config.distributed = ml_collections.ConfigDict()
     # Multi-host runs (one process per host). TPU pods and SLURM jobs are detected by JAX
@@ -34,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.compute_dtype = "bfloat16"
     config.model.remat_policy = "none"  # none | full | dots | dots_no_batch
     config.model.attention_impl = "auto"  # auto | xla | cudnn
+    # The backend-specific paths (attention, the CPU projection backward, CPU decoding on split
+    # layer weights) follow this platform: auto = compile_for's, else this machine's | cpu | gpu | tpu
+    config.model.platform = "auto"
     # Used only when model.path is "": a random model of these dimensions with a character
     # tokenizer (see dasd_jax.char_tokenizer); saved with the export like any checkpoint.
     config.model.random = ml_collections.ConfigDict(dict(

@@ -23,16 +23,16 @@ Writes `{output}/{task}.jsonl` (one line per example) and `{output}/summary.json
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from dasd_jax import atomic, checkpoint, data, hf, lora, model, sampling, sharding, stages, step
+from dasd_jax import (atomic, checkpoint, data, fit_check, hf, lora, model, sampling, sharding,
+                      stages, step)
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import coding, commonsense, registry
 
@@ -267,6 +267,8 @@ def format_table(summaries: dict, baseline: dict | None, tuned: set[str]) -> str
 def evaluate(config: Any) -> dict:
     """Runs the evaluation; returns the summary written to summary.json."""
     config = stages.finalize(config)
+    if config.dry_run:  # the whole pipeline's programs, compiled for compile_for
+        return fit_check.check(config)
     if not config.workdir:
         raise UserError("--config.workdir is required (paths may use {workdir})")
     tasks = task_list(config)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dasd_jax import targets
 from dasd_jax.model import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -195,32 +195,15 @@ def step_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, base_forward:
     return passes * forward_flops(cfg, batch_size, seq_len)
 
 
-# Dense (no sparsity) 16-bit peak FLOP/s per chip, keyed by `jax.Device.device_kind`, lower case.
-_PEAK_FLOPS = (
-    (r"nvidia h100 pcie.*", 756e12),
-    (r"nvidia h100 nvl.*", 835e12),
-    (r"nvidia h100.*", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    (r"nvidia h200 nvl.*", 835e12),
-    (r"nvidia h200.*", 989e12),
-    (r"nvidia a100.*", 312e12),
-    (r"nvidia l4", 121e12),
-    (r"tpu v4", 275e12),
-    (r"tpu v5 lite|tpu v5e", 197e12),
-    (r"tpu v5|tpu v5p", 459e12),
-    (r"tpu v6 lite|tpu v6e", 918e12),
-)
-
-
 def peak_flops_per_device(device_kind: str, dtype: Any = "bfloat16") -> float | None:
-    """Dense bf16 peak FLOP/s of one accelerator (fp16 too, on GPUs); None for CPU or unknown."""
+    """Dense bf16 peak FLOP/s of one accelerator (fp16 too, on GPUs; `targets.chip_of`'s
+    published figures); None for CPU or unknown."""
     dtype = jnp.dtype(dtype).name
     kind = " ".join(device_kind.lower().split())
     if dtype not in ("bfloat16", "float16") or (dtype == "float16" and kind.startswith("tpu")):
         return None
-    for pattern, peak in _PEAK_FLOPS:
-        if re.fullmatch(pattern, kind):
-            return peak
-    return None
+    chip = targets.chip_of(device_kind)
+    return chip.peak_flops if chip else None
 
 
 class Throughput:

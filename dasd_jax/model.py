@@ -44,6 +44,7 @@ MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+PLATFORMS = ("", "cpu", "gpu", "tpu")
 # The projections LoRA can adapt, by their HF module names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,7 +54,9 @@ class ModelConfig:
     """Architecture and numerics of a decoder; hashable, so it can be a static jit argument.
 
     `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the storage dtype
-    of the params. Both accept anything `jnp.dtype` accepts. `lora_rank > 0` adds LoRA adapters
+    of the params. Both accept anything `jnp.dtype` accepts. `platform` decides the
+    backend-specific paths (`compile_platform`): set it when compiling for other hardware than
+    this host's. `lora_rank > 0` adds LoRA adapters
     (always float32) to the projections in `lora_targets` (a tuple, or a comma-separated string).
     """
 
@@ -85,7 +88,9 @@ class ModelConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop at all)
     attention_impl: str = "auto"
+    platform: str = ""  # what programs are compiled for: cpu | gpu | tpu; "" = this host's JAX backend
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -107,10 +112,14 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"rope_type {self.rope_type!r} is not one of {ROPE_TYPES}")
+        if not 1 <= self.scan_unroll <= max(self.num_layers, 1):
+            problems.append(f"scan_unroll={self.scan_unroll} must lie in [1, num_layers]")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.platform not in PLATFORMS:
+            problems.append(f"platform {self.platform!r} is not one of {PLATFORMS}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             problems.append(f"lora_targets {unknown} are not among {LORA_TARGETS}")
@@ -216,11 +225,20 @@ def segment_mask(segment_ids: Array) -> Array:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
+def compile_platform(cfg: ModelConfig) -> str:
+    """The platform cfg's programs are built for (cpu, gpu or tpu): `cfg.platform`, or this
+    host's JAX backend. Every backend-specific path of the model and of decoding follows it."""
+    return cfg.platform or jax.default_backend()
+
+
 def _attention_implementation(cfg: ModelConfig) -> str:
+    """cuDNN's fused attention for 16-bit GPU programs when cuDNN is there (this process runs
+    on GPUs; a GPU program compiled on another host uses XLA's); XLA's otherwise."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     cudnn_ok = (
-        jax.default_backend() == "gpu"
+        compile_platform(cfg) == "gpu"
+        and jax.default_backend() == "gpu"
         and cfg.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and cfg.head_dim % 8 == 0
         and cfg.head_dim <= 128
@@ -432,6 +450,9 @@ class Linear(nn.Module):
         return up[0]
 
 
+CPU_PROJECTION_BACKWARD = "cpu_projection_backward"  # the named scope of its ops in a program
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project(x: Array, kernel: Array, contract: int) -> Array:
     """x [..., *in] @ kernel [*in, *out] -> [..., *out], `in` = x's last `contract` axes.
@@ -463,12 +484,13 @@ def _project_bwd(contract: int, residuals: tuple[Array, Array], grad: Array):
     made the step about 20% faster.
     """
     x, kernel = residuals
-    fan_in = int(np.prod(kernel.shape[:contract]))
-    rows = x.reshape(-1, fan_in)
-    grad_rows = grad.reshape(rows.shape[0], -1)
-    x_grad = jax.lax.dot_general(grad_rows, kernel.reshape(fan_in, -1),
-                                 (((1,), (1,)), ((), ()))).reshape(x.shape)
-    kernel_grad = jax.lax.optimization_barrier(rows.T) @ grad_rows
+    with jax.named_scope(CPU_PROJECTION_BACKWARD):
+        fan_in = int(np.prod(kernel.shape[:contract]))
+        rows = x.reshape(-1, fan_in)
+        grad_rows = grad.reshape(rows.shape[0], -1)
+        x_grad = jax.lax.dot_general(grad_rows, kernel.reshape(fan_in, -1),
+                                     (((1,), (1,)), ((), ()))).reshape(x.shape)
+        kernel_grad = jax.lax.optimization_barrier(rows.T) @ grad_rows
     return x_grad, kernel_grad.reshape(kernel.shape)
 
 
@@ -483,7 +505,7 @@ def _dense(cfg: ModelConfig, features, contract: int, use_bias: bool, kernel_axe
         lora = dict(lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
                     lora_dropout=cfg.lora_dropout)
     # Measured on a CPU only; elsewhere autodiff's backward stays.
-    cpu_backward = jax.default_backend() == "cpu" and cfg.remat_policy in ("none", "full")
+    cpu_backward = compile_platform(cfg) == "cpu" and cfg.remat_policy in ("none", "full")
     return Linear(features, contract, use_bias, tuple(kernel_axes), tuple(bias_axes), cfg.dtype,
                   cfg.param_dtype, name=name, cpu_backward=cpu_backward, **lora)
 
@@ -581,7 +603,7 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
         layer, variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "lora": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
+        unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from dasd_jax import atomic, data, sampling, sharding, stages
+from dasd_jax import atomic, data, fit_check, sampling, sharding, stages
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers, registry
 MODES = ("sdft", "dasd")
@@ -315,6 +315,8 @@ def summarize(records: list[dict], skipped: Counter, skipped_ids: dict) -> dict:
 def rewrite(config: Any) -> dict:
     """Rewrites every record not yet in the output; returns the summary."""
     config = stages.finalize(config)
+    if config.dry_run:  # the whole pipeline's programs, compiled for compile_for
+        return fit_check.check(config)
     if not config.workdir:
         raise UserError("--config.workdir is required (the output path may use {workdir})")
     if config.rewrite.mode not in MODES:

@@ -22,9 +22,11 @@ import dataclasses
 import functools
 from typing import Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dasd_jax import data, losses, model, sharding
 from dasd_jax.errors import UserError
@@ -256,7 +258,13 @@ def _check(cfg, prompts, settings: Settings) -> int:
     if length + settings.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt bucket {length} + max_new_tokens {settings.max_new_tokens} "
                         f"exceeds the model's window of {cfg.max_position_embeddings} positions")
-    return -(-(length + settings.max_new_tokens) // model.DECODE_BLOCK) * model.DECODE_BLOCK
+    return cache_length(length, settings)
+
+
+def cache_length(bucket: int, settings: Settings) -> int:
+    """Cache slots for prompts of up to `bucket` tokens: bucket + max_new_tokens, rounded up to
+    a whole number of the decode step's attention blocks."""
+    return -(-(bucket + settings.max_new_tokens) // model.DECODE_BLOCK) * model.DECODE_BLOCK
 
 
 PREFILL_STEP = 64  # a prefill pads its prompts to a multiple of this (at most their bucket)
@@ -312,11 +320,10 @@ def decode_all(cfg: model.ModelConfig, params, examples: Sequence[list[list[int]
     if not examples:
         return
     cache_length = _check(cfg, [p for group in examples for p in group], settings)
-    # On a CPU, decode steps run the layers one by one on a copy of their weights made once
-    # here (model.split_layers); prefills, few and long, keep the stacked weights.
-    step_params = model.split_layers(params) if jax.default_backend() == "cpu" else params
+    step_params = _decode_params(cfg, params)
     size, pairs = min(batch_size, len(examples)), len(examples[0])
-    state = _idle_state(cfg, step_kind, settings, size, pairs, cache_length, rng)
+    state = _idle_state(cfg, step_kind, settings, size, pairs, cache_length, rng,
+                        sharding.mesh_of(params))
     owner: dict[int, int] = {}  # example row -> the example it decodes
     waiting, free = list(range(len(examples))), list(range(size))
     while waiting or owner:
@@ -339,12 +346,89 @@ def decode_all(cfg: model.ModelConfig, params, examples: Sequence[list[list[int]
 
 
 def _idle_state(cfg, step_kind, settings, examples: int, pairs: int, cache_length: int,
-                rng) -> dict:
-    """A decode state of `examples` rows, all done (free), on an empty cache."""
-    logits = jnp.zeros((examples * pairs, cfg.vocab_size), jnp.float32)
-    cache = model.init_cache(cfg, examples * pairs, cache_length)
-    state = _fresh_state(step_kind, settings, logits, cache, examples, rng)
-    return dict(state, done=jnp.ones((examples,), bool))
+                rng, mesh=None) -> dict:
+    """A decode state of `examples` rows, all done (free), on an empty cache: laid out over
+    `mesh` (`decode_state_shardings`) when one is given, so that no device ever holds the whole
+    cache."""
+    def build(rng):
+        logits = jnp.zeros((examples * pairs, cfg.vocab_size), jnp.float32)
+        cache = model.init_cache(cfg, examples * pairs, cache_length)
+        state = _fresh_state(step_kind, settings, logits, cache, examples, rng)
+        return dict(state, done=jnp.ones((examples,), bool))
+
+    if mesh is None:
+        return build(rng)
+    return jax.jit(build, out_shardings=decode_state_shardings(mesh, jax.eval_shape(build, rng)))(rng)
+
+
+def decode_state_shardings(mesh, state: dict) -> dict:
+    """NamedShardings of a decode state (or of its shapes) on `mesh`: every per-row array split
+    over the batch axes, the cache's KV heads over `tensor`, as the model's activation rules
+    place them (a dimension they do not divide is replicated)."""
+    rules = nn.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
+
+    def place(path, leaf):
+        name = getattr(path[-1], "name", None) or getattr(path[-1], "key", None)
+        if name in ("keys", "values"):
+            logical = (None, "act_batch", "act_kv_heads", None, None)
+        else:
+            logical = ("act_batch",) + (None,) * (len(leaf.shape) - 1) if leaf.shape else ()
+        spec = sharding.logical_to_physical(PartitionSpec(*logical), leaf.shape, mesh, rules)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
+def _decode_params(cfg: model.ModelConfig, params):
+    """The params the decode loop reads: on a CPU a copy with the layers apart
+    (`model.split_layers`, made once per decode_all); prefills, few and long, keep the stacked
+    weights. Abstract params (ShapeDtypeStructs) give abstract ones, with their shardings."""
+    if model.compile_platform(cfg) != "cpu":
+        return params
+    if not isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
+        return model.split_layers(params)
+
+    def one_layer(x):
+        if not isinstance(x.sharding, NamedSharding):
+            return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+        spec = PartitionSpec(*x.sharding.spec[1:])
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
+                                    sharding=NamedSharding(x.sharding.mesh, spec))
+
+    count = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": (jax.tree.map(one_layer, params["layers"]),) * count}
+
+
+def lower_decoding(cfg: model.ModelConfig, params, settings: Settings, batch_size: int,
+                   step_kind: str, mesh) -> dict:
+    """Decoding's two programs, lowered (not run) for `batch_size` examples at once at the
+    longest prompt bucket: {"prefill": ..., "decode loop": ...}. params: ShapeDtypeStructs with
+    their shardings on `mesh` (trace inside `sharding.activation_rules(mesh)`). The fit check
+    compiles them for a target's devices."""
+    pairs = 2 if step_kind == "codecode" else 1
+    bucket = max(settings.prompt_buckets)
+    rows = batch_size * pairs
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tokens = jax.ShapeDtypeStruct((rows, bucket), jnp.int32, sharding=replicated)
+    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    slots = cache_length(bucket, settings)
+    build = functools.partial(_idle_state, cfg, step_kind, settings, batch_size, pairs, slots)
+    shapes = jax.eval_shape(build, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         shapes, decode_state_shardings(mesh, shapes))
+    return {"prefill": _prefill.lower(cfg, params, tokens, lengths, bucket),
+            "decode loop": _decode.lower(cfg, settings, step_kind, False,
+                                         _decode_params(cfg, params), state, rng)}
+
+
+def lower_scoring(cfg: model.ModelConfig, params, rows: int, length: int, stats: tuple[str, ...],
+                  mesh):
+    """The teacher-forced scoring pass (`score_stats`) of `rows` sequences of `length` tokens,
+    lowered for abstract `params` on `mesh`."""
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32,
+                                  sharding=NamedSharding(mesh, PartitionSpec()))
+    return _score.lower(cfg, params, tokens, None, tuple(stats))
 
 
 def _power_of_two(count: int, limit: int) -> int:

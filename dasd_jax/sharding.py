@@ -147,6 +147,15 @@ class MeshJit:
             return self.jitted.lower(*args)
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays (or ShapeDtypeStructs) of `tree` are laid out on, or None when they
+    carry no NamedSharding."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
 def to_host(tree):
     """numpy copies of a pytree of arrays, gathering the shards other processes hold (every
     process must call this for a multi-host array)."""

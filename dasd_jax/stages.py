@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dasd_jax import char_tokenizer, hf, model, sharding, validation
+from dasd_jax import char_tokenizer, hf, model, sharding, targets, validation
 from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
 from dasd_jax.tasks import synthetic
 
@@ -169,7 +169,7 @@ def load_model(config: Any, mesh):
             tokenizer = hf.load_tokenizer(config.model.path, cfg)
         except CheckpointError as error:
             raise CheckpointError(f"--config.model.path: {error}") from None
-        return cfg, params, tokenizer
+        return cfg.replace(platform=targets.platform_for(config)), params, tokenizer
     tokenizer = random_tokenizer(config)
     cfg = random_model_config(config, tokenizer)
     init = jax.jit(model.init, static_argnums=0,
@@ -193,7 +193,7 @@ def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
         param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
-        **config.model.random.to_dict(),
+        platform=targets.platform_for(config), **config.model.random.to_dict(),
     )
 
 
@@ -216,5 +216,6 @@ def model_config_only(config: Any) -> model.ModelConfig:
         directory = hf.resolve(config.model.path)
     except CheckpointError as error:
         raise CheckpointError(f"--config.model.path: {error}") from None
-    return hf.config_from_hf(hf.read_config(directory), config.model.param_dtype)
+    return hf.config_from_hf(hf.read_config(directory), config.model.param_dtype).replace(
+        platform=targets.platform_for(config))
 

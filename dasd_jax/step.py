@@ -115,6 +115,17 @@ def needs_base_params(config: Any) -> bool:
     return uses_lora(config) or uses_base_model(config)
 
 
+def check_batch_layout(config: Any, mesh) -> None:
+    """UserError unless each micro-batch splits evenly over the mesh's batch axes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_batch, remainder = divmod(config.train.batch_size, config.train.micro_batches)
+    if remainder or micro_batch % shards:
+        raise UserError(
+            f"--config.train.batch_size={config.train.batch_size} / --config.train.micro_batches="
+            f"{config.train.micro_batches} must be a whole multiple of the mesh's data x fsdp size "
+            f"{shards} (mesh {dict(mesh.shape)}), so that every device works on its own examples")
+
+
 # ----------------------------------------------------------------------------- the step
 
 

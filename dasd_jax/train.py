@@ -7,8 +7,8 @@ base, and runs the step of `step.setup` over the data, with checkpoints every
 With LoRA (`--config.lora.rank=R`) the loaded weights stay frozen and serve as the base too (no
 copy); checkpoints hold the adapters and their optimizer state, `{workdir}/hf` the merged model
 and `{workdir}/adapters` the adapters alone in PEFT's layout.
-`--config.dry_run=True` prints the parameter count and the compiled step's memory per device for
-the configured mesh without loading weights (and, with LoRA, the memory it saves).
+`--config.dry_run=True` compiles the pipeline's programs for `--config.compile_for` (a TPU slice,
+a GPU host, or this machine) without loading weights and says whether they fit (`fit_check`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import (checkpoint, data, hf, lora, metrics, model, rewrite, sampling, selection,
+from dasd_jax import (checkpoint, data, fit_check, hf, lora, metrics, model, rewrite, sampling,
                       sharding, stages, step)
 from dasd_jax.errors import TrainingDiverged, UserError
 
@@ -79,7 +78,7 @@ def resolve_base_confidence(config: Any, examples, eval_examples) -> Any:
 
 
 def validate(config: Any) -> None:
-    if not config.workdir:
+    if not config.workdir and not config.dry_run:
         raise UserError("--config.workdir is required: where checkpoints, metrics.jsonl and the "
                         "HF export go")
     if config.train.loss_normalization not in ("selected", "response"):
@@ -88,63 +87,6 @@ def validate(config: Any) -> None:
         raise UserError(f"--config.data.buckets {tuple(config.data.buckets)} must include a length "
                         f">= --config.data.max_seq_len={config.data.max_seq_len}")
     lora.model_fields(config.lora)
-
-
-# ----------------------------------------------------------------------------- dry run
-
-
-def lora_saving(config: Any, cfg: model.ModelConfig, mesh) -> dict:
-    """LoRA's trainable params and weight memory against full fine-tuning of the same run."""
-    full = config.copy_and_resolve_references()
-    full.lora.rank = 0
-    gib = 2.0 ** 30
-    run = step.setup(config, cfg, mesh)
-    report = {"trainable_params": run.trainee.num_lora_params,
-              "weights_gib": run.weight_bytes() / gib,
-              "full_finetune_weights_gib": step.setup(full, cfg, mesh).weight_bytes() / gib}
-    report["saved_gib"] = report["full_finetune_weights_gib"] - report["weights_gib"]
-    return report
-
-
-def dry_run(config: Any, mesh) -> dict:
-    """Compiles the step ahead of time and reports its memory per device."""
-    cfg = stages.model_config_only(config)
-    run = step.setup(config, cfg, mesh)
-    compiled = run.train_step.lower(*run.abstract_inputs(
-        config.train.batch_size, max(config.data.buckets))).compile()
-    memory = compiled.memory_analysis()
-    gib = 2.0 ** 30
-    report = {
-        "params": cfg.num_params,
-        "mesh": dict(mesh.shape),
-        "batch": [config.train.batch_size, max(config.data.buckets)],
-        "argument_gib": memory.argument_size_in_bytes / gib,
-        "output_gib": memory.output_size_in_bytes / gib,
-        "temp_gib": memory.temp_size_in_bytes / gib,
-        "alias_gib": memory.alias_size_in_bytes / gib,
-    }
-    report["peak_gib_per_device"] = (report["argument_gib"] + report["output_gib"]
-                                     + report["temp_gib"] - report["alias_gib"])
-    report["weights_gib"] = run.weight_bytes() / gib
-    if run.lora:
-        report["lora"] = lora_saving(config, cfg, mesh)
-    print(f"model        {cfg.model_type}, {cfg.num_params:,} parameters")
-    print(f"mesh         {dict(mesh.shape)} on {mesh.devices.size} × {jax.devices()[0].device_kind}")
-    print(f"step         batch {report['batch'][0]} × {report['batch'][1]} tokens, rule "
-          f"{config.selection.rule}, micro-batches {config.train.micro_batches}")
-    print(f"memory/device  arguments {report['argument_gib']:.3f} GiB, temporaries "
-          f"{report['temp_gib']:.3f} GiB, outputs {report['output_gib']:.3f} GiB "
-          f"(aliased {report['alias_gib']:.3f}), peak ≈ {report['peak_gib_per_device']:.3f} GiB")
-    print(f"weights      params + optimizer + frozen base {report['weights_gib']:.3f} GiB "
-          "(all devices together)")
-    if "lora" in report:
-        saving = report["lora"]
-        print(f"LoRA         rank {config.lora.rank} on {config.lora.targets}: "
-              f"{saving['trainable_params']:,} trainable parameters "
-              f"({100 * saving['trainable_params'] / cfg.num_params:.2f}%); weights "
-              f"{saving['weights_gib']:.3f} GiB vs {saving['full_finetune_weights_gib']:.3f} GiB "
-              f"fully fine-tuned: saves {saving['saved_gib']:.3f} GiB")
-    return report
 
 
 # ----------------------------------------------------------------------------- training
@@ -213,16 +155,10 @@ def train(config: Any) -> dict[str, float]:
     validate(config)
     config = step.with_rho(config, rewrite.recorded_alpha(
         config.data.path))
-    mesh = sharding.make_mesh(config.mesh.shape)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch, remainder = divmod(config.train.batch_size, config.train.micro_batches)
-    if remainder or micro_batch % shards:
-        raise UserError(
-            f"--config.train.batch_size={config.train.batch_size} / --config.train.micro_batches="
-            f"{config.train.micro_batches} must be a whole multiple of the mesh's data x fsdp size "
-            f"{shards} (mesh {dict(mesh.shape)}), so that every device works on its own examples")
     if config.dry_run:
-        return dry_run(config, mesh)
+        return fit_check.check(config)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    step.check_batch_layout(config, mesh)
     workdir = Path(config.workdir).expanduser()
     primary = jax.process_index() == 0
     cfg, params, tokenizer = stages.load_model(config, mesh)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dasd_jax import model, selection
+from dasd_jax import model, selection, targets
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import registry
 
@@ -88,7 +88,8 @@ FIELDS: dict[str, Rule] = {
     "distributed.num_processes": COUNT, "distributed.initialization_timeout": POSITIVE,
     "model.path": text, "model.param_dtype": one_of(*DTYPES),
     "model.compute_dtype": one_of(*DTYPES), "model.remat_policy": one_of(*model.REMAT_POLICIES),
-    "model.attention_impl": one_of(*model.ATTENTION_IMPLS),
+    "model.attention_impl": one_of(*model.ATTENTION_IMPLS), "compile_for": text,
+    "model.platform": one_of("auto", *targets.PLATFORMS),
     "model.random_tokenizer": one_of("characters", "synthetic"),
     "mesh.shape": mesh_shape,
     "data.split": text, "data.eval_path": text, "data.target": one_of("response", "reference"),

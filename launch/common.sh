@@ -50,3 +50,33 @@ run() {
     "$@"
   fi
 }
+
+# The local interpreter for the fit check: $ROOT/.venv/bin/python where `make` made it, else python3.
+default_local_python() {
+  if [[ -x $ROOT/.venv/bin/python ]]; then
+    printf '%s' "$ROOT/.venv/bin/python"
+  else
+    printf 'python3'
+  fi
+}
+
+# Compiles the run for target $1 with that hardware's own compiler, on this machine (no
+# accelerator needed: dasd_jax/fit_check.py), and ends the script with the check's status when
+# the run does not fit or the check fails. The remaining arguments are the stage flags.
+# Uses CONFIG, LOCAL_PYTHON and ROOT.
+fit_check() {
+  local target=$1 status=0
+  shift
+  log "fit check: compiling the run for $target on this machine"
+  run "$LOCAL_PYTHON" -m dasd_jax.train --config="$ROOT/$CONFIG" --config.dry_run=True \
+    --config.compile_for="$target" "$@" || status=$?
+  ((status == 0)) || die_with "$status" "the fit check for $target failed (exit $status; its" \
+    "last line says why): fix the run, or pass --skip-fit-check to launch anyway"
+}
+
+die_with() {
+  local status=$1
+  shift
+  log "$@"
+  exit "$status"
+}

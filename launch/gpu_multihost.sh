@@ -10,6 +10,9 @@
 # --config.distributed.process_id=i` with --gpus-per-host GPUs visible. Output is streamed with a
 # `[host]` prefix. When a host fails, the others are stopped (their ssh sessions closed, which
 # hangs up the remote processes) and the script exits with the failed host's status.
+# Before any host is contacted, the run is compiled for hosts x --gpus-per-host GPUs of model
+# --gpu on this machine (dasd_jax.train --config.dry_run=True, no GPU needed); a run that does
+# not fit stops here.
 # --workdir must be one directory every host sees (NFS, or gs:// where supported): Orbax writes
 # each checkpoint from all processes. --dry-run prints the ssh commands (`+ cmd`) and runs none.
 set -euo pipefail
@@ -24,7 +27,8 @@ usage() {
 usage: $PROG [--dry-run] --hosts HOST1,HOST2[,...] --workdir DIR
        [--config configs/TASK.py[:VARIANT]] [--stage train|rewrite|evaluate|analyze]
        [--coordinator-port 1234] [--coordinator-host ADDRESS] [--gpus-per-host 8]
-       [--remote-dir DIR] [--python PATH] [-- EXTRA STAGE FLAGS...]
+       [--remote-dir DIR] [--python PATH] [--gpu h100|h200|a100] [--local-python PATH]
+       [--skip-fit-check] [-- EXTRA STAGE FLAGS...]
 
   --hosts LIST           ssh destinations ([user@]host), comma-separated; the first one hosts
                          the coordinator and is process 0
@@ -37,6 +41,10 @@ usage: $PROG [--dry-run] --hosts HOST1,HOST2[,...] --workdir DIR
   --gpus-per-host G      CUDA_VISIBLE_DEVICES=0..G-1 on every host; 0 leaves it alone (default 8)
   --remote-dir DIR       the checkout on every host (default: $ROOT)
   --python PATH          interpreter, relative to --remote-dir or absolute (default .venv/bin/python)
+  --gpu MODEL            the hosts' GPUs for the fit check: h100, h200 or a100 (default h100)
+  --local-python PATH    this machine's interpreter with dasd_jax, for the fit check
+                         (default: .venv/bin/python of this checkout, else python3)
+  --skip-fit-check       start without compiling the run for the hosts' GPUs first
   --dry-run              print the ssh commands ('+ ' prefixed) instead of running them
   -- FLAGS...            passed on to every process, e.g. --config.train.steps=100
 EOF
@@ -51,7 +59,8 @@ die_usage() {
 # ----------------------------------------------------------------------------- arguments
 
 HOSTS_ARG="" WORKDIR="" CONFIG=configs/math.py STAGE=train PORT=1234 COORDINATOR_HOST=""
-GPUS_PER_HOST=8 REMOTE_DIR=$ROOT PYTHON=.venv/bin/python
+GPUS_PER_HOST=8 REMOTE_DIR=$ROOT PYTHON=.venv/bin/python GPU=h100 SKIP_FIT_CHECK=0
+LOCAL_PYTHON=$(default_local_python)
 EXTRA=()
 
 while (($#)); do
@@ -62,8 +71,9 @@ while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1 ;;
+    --skip-fit-check) SKIP_FIT_CHECK=1 ;;
     --hosts | --workdir | --config | --stage | --coordinator-port | --coordinator-host | \
-      --gpus-per-host | --remote-dir | --python)
+      --gpus-per-host | --remote-dir | --python | --gpu | --local-python)
       (($# >= 2)) || die_usage "$1 needs a value"
       case $1 in
         --hosts) HOSTS_ARG=$2 ;;
@@ -75,6 +85,8 @@ while (($#)); do
         --gpus-per-host) GPUS_PER_HOST=$2 ;;
         --remote-dir) REMOTE_DIR=$2 ;;
         --python) PYTHON=$2 ;;
+        --gpu) GPU=$2 ;;
+        --local-python) LOCAL_PYTHON=$2 ;;
       esac
       shift ;;
     *) die_usage "unknown argument '$1' (stage flags go after --)" ;;
@@ -97,6 +109,10 @@ if ! [[ $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
   die_usage "--coordinator-port must be a port number (1-65535), not '$PORT'"
 fi
 [[ $GPUS_PER_HOST =~ ^[0-9]+$ ]] || die_usage "--gpus-per-host must be a whole number, not '$GPUS_PER_HOST'"
+case $GPU in
+  h100 | h200 | a100) ;;
+  *) die_usage "--gpu must be h100, h200 or a100, not '$GPU'" ;;
+esac
 COORDINATOR_HOST=${COORDINATOR_HOST:-${HOSTS[0]#*@}}
 NUM_PROCESSES=${#HOSTS[@]}
 
@@ -119,6 +135,14 @@ remote_command() {
   printf 'cd %s && %sPYTHONUNBUFFERED=1 exec %s %s' "$(quote "$REMOTE_DIR")" "$VISIBLE_DEVICES" \
     "$(quote "$PYTHON")" "$(quote_words "${args[@]}" ${EXTRA[@]+"${EXTRA[@]}"})"
 }
+
+if ((SKIP_FIT_CHECK)); then
+  log "fit check skipped (--skip-fit-check)"
+elif ((GPUS_PER_HOST == 0)); then
+  log "--gpus-per-host 0: the GPU count is not known here, so the fit check is skipped"
+else
+  fit_check "${GPU}x$((NUM_PROCESSES * GPUS_PER_HOST))" ${EXTRA[@]+"${EXTRA[@]}"}
+fi
 
 # -tt: a terminal on the remote side, so closing the session (on failure or Ctrl-C) hangs up
 # the remote process instead of leaving it running.

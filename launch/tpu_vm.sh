@@ -5,7 +5,9 @@
 #       --version v2-alpha-tpuv5-lite --create --spot --workdir gs://BUCKET/runs/math \
 #       --config configs/math.py -- --config.train.steps=2000
 #
-# Steps: create the TPU VM (--create; as a queued resource with --queued), copy `git archive
+# Steps: check on this machine that the run fits the slice (the TPU compiler compiles it for
+# --accelerator with no TPU present: dasd_jax.train --config.dry_run=True; a run that does not
+# fit stops here, before anything is created or paid for), create the TPU VM (--create; as a queued resource with --queued), copy `git archive
 # HEAD` to every worker and install it with the jax[tpu] build of requirements.txt's jax, run
 # `python -m dasd_jax.<stage>` on all workers (JAX finds its peers on a TPU slice by itself) and
 # stream their output. With --spot, a run that ends because the VM was preempted is followed by
@@ -25,6 +27,7 @@ usage: $PROG [--dry-run] --name NAME --zone ZONE --workdir gs://BUCKET/RUN
        [--accelerator TYPE] [--version RUNTIME] [--spot] [--create] [--queued]
        [--stage train|rewrite|evaluate|analyze] [--config configs/TASK.py[:VARIANT]]
        [--project PROJECT] [--python python3.11] [--max-restarts N]
+       [--local-python PATH] [--skip-fit-check]
        [--preemption-grace SECONDS] [--simulate-preemption] [-- EXTRA STAGE FLAGS...]
 
   --name NAME            TPU VM name (also the queued resource's id with --queued)
@@ -40,6 +43,9 @@ usage: $PROG [--dry-run] --name NAME --zone ZONE --workdir gs://BUCKET/RUN
   --project PROJECT      gcloud project (default: gcloud's configured one)
   --python INTERPRETER   Python >= 3.11 on the workers, apt-installed when missing
                          (default python3.11)
+  --local-python PATH    this machine's interpreter with dasd_jax, for the fit check
+                         (default: .venv/bin/python of this checkout, else python3)
+  --skip-fit-check       launch without compiling the run for --accelerator first
   --max-restarts N       recreate after at most N preemptions (default 5)
   --preemption-grace S   with --spot, how long after a run ends to watch for the VM turning
                          PREEMPTED before taking the end as final (default 90)
@@ -57,9 +63,10 @@ die_usage() {
 
 # ----------------------------------------------------------------------------- arguments
 
-CREATE=0 QUEUED=0 SPOT=0 SIMULATE_PREEMPTION=0
+CREATE=0 QUEUED=0 SPOT=0 SIMULATE_PREEMPTION=0 SKIP_FIT_CHECK=0
 NAME="" ZONE="" WORKDIR="" ACCELERATOR="" PROJECT=""
 VERSION=tpu-ubuntu2204-base STAGE=train CONFIG=configs/math.py REMOTE_PYTHON=python3.11
+LOCAL_PYTHON=$(default_local_python)
 MAX_RESTARTS=5 PREEMPTION_GRACE=90
 EXTRA=()
 
@@ -75,8 +82,9 @@ while (($#)); do
     --queued) QUEUED=1 ;;
     --spot) SPOT=1 ;;
     --simulate-preemption) SIMULATE_PREEMPTION=1 ;;
+    --skip-fit-check) SKIP_FIT_CHECK=1 ;;
     --name | --zone | --workdir | --accelerator | --version | --stage | --config | --project | \
-      --python | --max-restarts | --preemption-grace)
+      --python | --max-restarts | --preemption-grace | --local-python)
       (($# >= 2)) || die_usage "$1 needs a value"
       case $1 in
         --name) NAME=$2 ;;
@@ -90,6 +98,7 @@ while (($#)); do
         --python) REMOTE_PYTHON=$2 ;;
         --max-restarts) MAX_RESTARTS=$2 ;;
         --preemption-grace) PREEMPTION_GRACE=$2 ;;
+        --local-python) LOCAL_PYTHON=$2 ;;
       esac
       shift ;;
     *) die_usage "unknown argument '$1' (stage flags go after --)" ;;
@@ -205,6 +214,14 @@ needs_recreation() {
 }
 
 # ----------------------------------------------------------------------------- the run
+
+if ((SKIP_FIT_CHECK)); then
+  log "fit check skipped (--skip-fit-check)"
+elif [[ -z $ACCELERATOR ]]; then
+  log "no --accelerator: the fit check is skipped (the VM's type is not known here)"
+else
+  fit_check "$ACCELERATOR" ${EXTRA[@]+"${EXTRA[@]}"}
+fi
 
 if ((DRY_RUN)); then
   TARBALL="${TMPDIR:-/tmp}/dasd_jax.XXXXXX/dasd_jax.tar.gz"

@@ -64,9 +64,12 @@ def printed_commands(stdout: str) -> list[list[str]]:
 
 
 def gcloud_verb(argv: list[str]) -> str:
-    """'tpu-vm create', 'queued-resources describe', ... of a gcloud argv; 'git archive'."""
+    """'tpu-vm create', 'queued-resources describe', ... of a gcloud argv; 'git archive';
+    'fit check' for the local dry run."""
     if argv[0] == "git":
         return "git archive"
+    if argv[1:3] == ["-m", "dasd_jax.train"] and "--config.dry_run=True" in argv:
+        return "fit check"
     assert argv[:3] == ["gcloud", "compute", "tpus"], argv
     return f"{argv[3]} {argv[4]}"
 
@@ -97,8 +100,12 @@ def test_tpu_dry_run_creates_the_spot_vm_installs_the_pinned_jax_tpu_and_trains_
     commands, _ = tpu_dry_run("--accelerator", "v5litepod-16", "--create", "--spot", "--",
                               "--config.train.steps=2000", path=offline_path)
     assert [gcloud_verb(c) for c in commands] == [
-        "git archive", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm describe"]
-    archive, create, scp, install, train, describe = commands
+        "fit check", "git archive", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
+        "tpu-vm describe"]
+    fit, archive, create, scp, install, train, describe = commands
+    assert fit[1:] == ["-m", "dasd_jax.train", f"--config={ROOT}/configs/math.py:tiny",
+                       "--config.dry_run=True", "--config.compile_for=v5litepod-16",
+                       "--config.train.steps=2000"]
     assert archive[-1] == "HEAD" and archive[1:3] == ["-C", str(ROOT)]
     assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "dasd-v5e",
                       "--zone=us-west4-a", "--accelerator-type=v5litepod-16",
@@ -122,9 +129,10 @@ def test_tpu_simulated_preemption_deletes_recreates_reinstalls_and_reruns_the_sa
     commands, result = tpu_dry_run("--accelerator", "v5litepod-16", "--create", "--spot",
                                    "--simulate-preemption", path=offline_path)
     assert [gcloud_verb(c) for c in commands] == [
-        "git archive", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm describe",
-        "tpu-vm delete", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
-        "tpu-vm describe"]
+        "fit check", "git archive", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
+        "tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh",
+        "tpu-vm ssh", "tpu-vm describe"]
+    commands = commands[1:]
     assert commands[6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "dasd-v5e",
                            "--zone=us-west4-a", "--quiet"]
     assert commands[7] == commands[1]  # recreated as it was created
@@ -137,7 +145,8 @@ def test_tpu_queued_spot_resource_is_waited_for_and_recreated_through_the_queue(
                               "--create", "--queued", "--spot", "--project", "my-project",
                               "--simulate-preemption", path=offline_path)
     verbs = [gcloud_verb(c) for c in commands]
-    assert verbs == ["git archive", "queued-resources create", "queued-resources describe",
+    commands = commands[1:]
+    assert verbs == ["fit check", "git archive", "queued-resources create", "queued-resources describe",
                      "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "queued-resources describe",
                      "queued-resources delete", "queued-resources create",
                      "queued-resources describe", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
@@ -152,9 +161,10 @@ def test_tpu_queued_spot_resource_is_waited_for_and_recreated_through_the_queue(
 
 
 def test_tpu_run_on_an_existing_on_demand_vm_neither_creates_nor_watches_it(offline_path):
-    commands, _ = tpu_dry_run("--stage", "rewrite", path=offline_path)
+    commands, result = tpu_dry_run("--stage", "rewrite", path=offline_path)
     assert [gcloud_verb(c) for c in commands] == [
         "git archive", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"]
+    assert "no --accelerator: the fit check is skipped" in result.stderr
     assert python_argv(remote_command(commands[-1]))[:2] == ["-m", "dasd_jax.rewrite"]
 
 
@@ -189,6 +199,18 @@ def test_tpu_simulated_preemption_is_refused_outside_a_spot_dry_run(offline_path
 
 
 @pytest.fixture
+def fake_local_python(tmp_path):
+    """A local interpreter for the fit check that records its arguments and exits
+    $FAKE_FIT_STATUS (0 when unset)."""
+    program = tmp_path / "fake-local-python"
+    write_program(tmp_path, program.name, f"""\
+        printf '%s\t' "$@" >> {tmp_path / 'fit-checks.tsv'}; echo >> {tmp_path / 'fit-checks.tsv'}
+        exit "${{FAKE_FIT_STATUS:-0}}"
+        """)
+    return str(program)
+
+
+@pytest.fixture
 def fake_gcloud(tmp_path):
     """A gcloud that records each call; `tpu-vm describe` prints $FAKE_STATE, the run command's
     ssh exits $FAKE_RUN_STATUS, the rest succeed."""
@@ -207,9 +229,11 @@ def fake_gcloud(tmp_path):
     return path, lambda: [line.split("\t")[:-1] for line in calls.read_text().splitlines()]
 
 
-def test_tpu_real_spot_run_recreates_after_each_preemption_until_max_restarts(fake_gcloud):
+def test_tpu_real_spot_run_recreates_after_each_preemption_until_max_restarts(
+        fake_gcloud, fake_local_python):
     path, calls = fake_gcloud
     result = launch(TPU_VM, *TPU_BASE, "--accelerator", "v5litepod-16", "--spot",
+                    "--local-python", fake_local_python,
                     "--max-restarts", "1", "--preemption-grace", "0", path=path,
                     env={"FAKE_STATE": "PREEMPTED", "FAKE_RUN_STATUS": "255"})
     assert result.returncode == 1
@@ -223,14 +247,32 @@ def test_tpu_real_spot_run_recreates_after_each_preemption_until_max_restarts(fa
 def test_tpu_real_spot_run_that_ends_on_a_ready_vm_is_final(fake_gcloud):
     path, calls = fake_gcloud
     finished = launch(TPU_VM, *TPU_BASE, "--accelerator", "v4-8", "--spot",
-                      "--preemption-grace", "0", path=path,
+                      "--preemption-grace", "0", "--skip-fit-check", path=path,
                       env={"FAKE_STATE": "READY", "FAKE_RUN_STATUS": "0"})
     assert finished.returncode == 0, finished.stderr
+    assert "fit check skipped (--skip-fit-check)" in finished.stderr
     failed = launch(TPU_VM, *TPU_BASE, "--accelerator", "v4-8", "--spot",
-                    "--preemption-grace", "0", path=path,
+                    "--preemption-grace", "0", "--skip-fit-check", path=path,
                     env={"FAKE_STATE": "READY", "FAKE_RUN_STATUS": "3"})
     assert failed.returncode == 3 and "was not preempted" in failed.stderr
     assert not any("delete" in call for call in calls())
+
+
+def test_a_run_that_does_not_fit_the_slice_stops_before_anything_is_created(
+        fake_gcloud, fake_local_python, tmp_path):
+    path, calls = fake_gcloud
+    result = launch(TPU_VM, *TPU_BASE, "--accelerator", "v5litepod-8", "--create", "--spot",
+                    "--local-python", fake_local_python, "--", "--config.train.batch_size=512",
+                    path=path, env={"FAKE_FIT_STATUS": "3", "FAKE_STATE": "READY",
+                                    "FAKE_RUN_STATUS": "0"})
+    assert result.returncode == 3
+    assert "the fit check for v5litepod-8 failed (exit 3" in result.stderr
+    assert not (tmp_path / "calls.tsv").exists()  # gcloud was never called
+    (check,) = [line.split("\t")[:-1] for line in (tmp_path / "fit-checks.tsv").read_text()
+                .splitlines()]
+    assert check == ["-m", "dasd_jax.train", f"--config={ROOT}/configs/math.py:tiny",
+                     "--config.dry_run=True", "--config.compile_for=v5litepod-8",
+                     "--config.train.batch_size=512"]
 
 
 # ----------------------------------------------------------------------------- GPU hosts
@@ -243,7 +285,10 @@ def test_gpu_dry_run_starts_one_process_per_host_with_coordinator_count_and_id(o
                     "--remote-dir", "/opt/dasd jax", "--", "--config.train.steps=5",
                     path=offline_path)
     assert result.returncode == 0, result.stderr
-    commands = printed_commands(result.stdout)
+    fit, *commands = printed_commands(result.stdout)
+    assert fit[1:] == ["-m", "dasd_jax.train", f"--config={ROOT}/configs/math.py:tiny",
+                       "--config.dry_run=True", "--config.compile_for=h100x8",
+                       "--config.train.steps=5"]
     assert [c[:-1] for c in commands] == [["ssh", "-tt", "-o", "BatchMode=yes", "gpu01"],
                                           ["ssh", "-tt", "-o", "BatchMode=yes", "ubuntu@gpu02"]]
     for process_id, command in enumerate(commands):
@@ -264,6 +309,7 @@ def test_gpu_dry_run_starts_one_process_per_host_with_coordinator_count_and_id(o
     (["--workdir", "/w"], "--hosts is required"),
     (["--hosts", "a,,b", "--workdir", "/w"], "empty"),
     (["--hosts", "a", "--workdir", "/w", "--coordinator-port", "70000"], "--coordinator-port"),
+    (["--hosts", "a", "--workdir", "/w", "--gpu", "v100"], "--gpu must be h100, h200 or a100"),
 ])
 def test_gpu_argument_errors_exit_2_with_the_problem_and_the_usage(args, message, offline_path):
     result = launch(GPU_MULTIHOST, "--dry-run", *args, path=offline_path)
@@ -293,8 +339,8 @@ def fake_ssh(tmp_path):
 
 def test_gpu_run_streams_prefixed_output_and_stops_every_host_when_one_fails(fake_ssh):
     path, terminated = fake_ssh
-    result = launch(GPU_MULTIHOST, "--hosts", "slow1,bad,slow2", "--workdir", "/w", path=path,
-                    timeout=10)
+    result = launch(GPU_MULTIHOST, "--hosts", "slow1,bad,slow2", "--workdir", "/w",
+                    "--skip-fit-check", path=path, timeout=10)
     assert result.returncode == 3
     assert sorted(result.stdout.splitlines()) == [
         "[bad] failing", "[bad] process_id=1", "[slow1] process_id=0", "[slow2] process_id=2"]
@@ -302,11 +348,14 @@ def test_gpu_run_streams_prefixed_output_and_stops_every_host_when_one_fails(fak
     assert "bad (process 1) exited with status 3" in result.stderr
 
 
-def test_gpu_run_exits_0_when_every_host_succeeds(fake_ssh):
+def test_gpu_run_exits_0_when_every_host_succeeds(fake_ssh, fake_local_python, tmp_path):
     path, terminated = fake_ssh
-    result = launch(GPU_MULTIHOST, "--hosts", "ok1,ok2", "--workdir", "/w", path=path)
+    result = launch(GPU_MULTIHOST, "--hosts", "ok1,ok2", "--workdir", "/w", "--gpu", "h200",
+                    "--local-python", fake_local_python, path=path)
     assert result.returncode == 0, result.stderr
     assert not terminated.exists()
+    checks = (tmp_path / "fit-checks.tsv").read_text().splitlines()
+    assert [line.split("\t")[4] for line in checks] == ["--config.compile_for=h200x16"]
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -336,7 +385,10 @@ def test_slurm_job_runs_one_process_per_node_with_all_its_gpus(tmp_path):
              "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_NUM_NODES": "2",
              "PYTHON": "fake-python", "CONFIG": "configs/code.py", "WORKDIR": "/shared/code"})
     assert result.returncode == 0, result.stderr
-    processes = [line.split("\t")[:-1] for line in result.stdout.splitlines()[1:]]
+    fit_check, *processes = [line.split("\t")[:-1] for line in result.stdout.splitlines()[1:]]
+    assert fit_check[1:] == ["-m", "dasd_jax.train", "--config=configs/code.py",
+                             "--config.dry_run=True", "--config.compile_for=h100x16",
+                             "--config.train.steps=5"]
     port = 1234 % 4096 + 61440
     for process_id, (local_id, *argv) in enumerate(processes):
         assert local_id == "unset"  # else JAX would give the process GPU 0 only

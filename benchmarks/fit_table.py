@@ -1,0 +1,139 @@
+"""The README's memory table, from the TPU and GPU compilers themselves (no accelerator needed).
+
+    python benchmarks/fit_table.py                       # every row; resumes from --out
+    python benchmarks/fit_table.py --models=llama-3.2-1b --targets=v5e:2x4 --methods=dasd
+
+Each row is one fit check (`dasd_jax/fit_check.py`), the same as the command it prints:
+
+    python -m dasd_jax.train --config=configs/math.py --config.model.path=benchmarks/shapes/MODEL \
+        --config.dry_run=True --config.compile_for=TARGET --config.train.batch_size=DEVICES \
+        --config.train.micro_batches=1 --config.data.buckets="(2048,)" \
+        --config.data.max_seq_len=2048 [--config.selection.rule=all --config.data.target=reference]
+        [--config.lora.rank=16]
+
+configs/math.py's recipe at 2048 tokens, one sequence per device: float32 params and AdamW,
+bf16 compute and frozen bf16 base, remat `dots_no_batch`, mesh (1, devices, 1) (FSDP over every
+device); its rewrite (co-decoding, 32 examples, 512 new tokens) and evaluation (32 examples) are
+compiled too. Rows are appended to --out (JSON lines) as they finish, so an interrupted run
+resumes; `--table` prints the markdown table of what --out holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import math as math_config  # noqa: E402
+from dasd_jax import fit_check, stages, step, targets  # noqa: E402
+
+MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b")
+TARGETS = ("v5e:2x4", "v5e:4x4", "v5p:2x2x2", "v6e:2x4", "h100x8", "h200x8")
+METHODS = {  # name -> the flags that make it
+    "dasd": (),
+    "sft": ("--config.selection.rule=all", "--config.data.target=reference"),
+    "dasd_lora16": ("--config.lora.rank=16",),
+}
+
+
+def flags(model: str, target: str, method: str, devices: int) -> list[str]:
+    return [f"--config.model.path=benchmarks/shapes/{model}", "--config.dry_run=True",
+            f"--config.compile_for={target}", f"--config.train.batch_size={devices}",
+            "--config.train.micro_batches=1", '--config.data.buckets="(2048,)"',
+            "--config.data.max_seq_len=2048", *METHODS[method]]
+
+
+def configure(model: str, target: str, method: str, devices: int):
+    config = math_config.get_config()
+    config.model.path = str(ROOT / "benchmarks" / "shapes" / model)
+    config.update(dry_run=True, compile_for=target)
+    config.train.update(batch_size=devices, micro_batches=1)
+    config.data.update(buckets=(2048,), max_seq_len=2048)
+    if method == "sft":
+        config.selection.rule, config.data.target = "all", "reference"
+    if method == "dasd_lora16":
+        config.lora.rank = 16
+    return step.with_rho(stages.finalize(config))
+
+
+def measure(model: str, target: str, method: str) -> dict:
+    devices = len(targets.resolve(target).devices)
+    started = time.perf_counter()
+    try:
+        report = fit_check.check(configure(model, target, method, devices))
+    except fit_check.DoesNotFit as error:
+        report = dict(error.report, verdict=str(error))
+    programs = report["programs"]
+    decoding = [p for p in programs if p["stage"] != "train"]
+    return {
+        "model": model, "target": target, "method": method, "fits": report["fits"],
+        "verdict": report.get("verdict", "fits"), "params": report["params"],
+        "devices": devices, "usable_gib": report["usable_gib_per_device"],
+        "weights_gib": report["weights_gib"], "train_step": programs[0],
+        "largest_decoding": max(decoding, key=lambda p: p["peak_gib"]),
+        "model_flops_per_device": report["model_flops_per_device"],
+        "compiler_flops_per_device": report["compiler_flops_per_device"],
+        "compiler_bytes_per_device": report["compiler_bytes_per_device"],
+        "step_seconds_lower_bound": report.get("step_seconds_lower_bound"),
+        "compile_s": time.perf_counter() - started,
+        "command": "python -m dasd_jax.train --config=configs/math.py " + " ".join(
+            flags(model, target, method, devices)),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of the README: per row the train step's memory per device, the
+    largest decoding program's, the verdict and the step-time estimate."""
+    out = ["| model | target | method | train step peak / device | args + temps | "
+           "largest rewrite / eval program | usable / device | fits | step time >= (est.) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        step_, decode = row["train_step"], row["largest_decoding"]
+        peak = (f"refused ({step_['peak_gib']:.1f} GiB+)" if step_["refused"]
+                else f"{step_['peak_gib']:.1f} GiB")
+        bound = row["step_seconds_lower_bound"]
+        estimate = f"{bound['seconds']:.2f} s" if bound and not step_["refused"] else ""
+        out.append(
+            f"| {row['model']} | {row['target']} | {row['method']} | {peak} | "
+            f"{step_['argument_gib']:.1f} + {step_['temp_gib']:.1f} GiB | "
+            f"{decode['peak_gib']:.1f} GiB ({decode['stage']}) | {row['usable_gib']:.1f} GiB | "
+            f"{'yes' if row['fits'] else '**no**'} | {estimate} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "fit_table.jsonl"))
+    parser.add_argument("--table", action="store_true", help="print the table of --out, exit")
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if args.table:
+        print(table(rows))
+        return
+    done = {(r["model"], r["target"], r["method"]) for r in rows}
+    for model in args.models.split(","):
+        for target in args.targets.split(","):
+            for method in args.methods.split(","):
+                if (model, target, method) in done:
+                    continue
+                row = measure(model, target, method)
+                with out.open("a") as file:
+                    file.write(json.dumps(row) + "\n")
+                print(f"{model} {target} {method}: {row['verdict']} ({row['compile_s']:.0f} s)",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
