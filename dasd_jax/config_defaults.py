@@ -184,6 +184,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.top_p = 1.0
     config.eval.samples = 1
     config.eval.prompt_buckets = (256, 512, 1024, 2048)
+    # Multiple choice: tokenizer = the special tokens the tokenizer's encode() adds itself, as
+    # lm-eval's hf model does by default | always = a BOS first (models that need it) | never
+    config.eval.bos = "tokenizer"
+    # How far the model has moved from the base (dasd_jax/shift.py): on the prompts of these
+    # tasks ("" = off), the base's own greedy answers, teacher-forced: KL(base || tuned), the
+    # change in NLL, the share of tokens whose top-1 changed. Answers are cached per base.
+    config.eval.shift = ml_collections.ConfigDict(dict(
+        tasks="", limit=64, max_new_tokens=128, cache="~/.cache/dasd_jax/shift"))
     config.eval.output = "{workdir}/eval"
 
     config.analyze = ml_collections.ConfigDict()

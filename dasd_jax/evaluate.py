@@ -31,16 +31,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import (atomic, checkpoint, data, fit_check, hf, lora, model, sampling, sharding,
-                      stages, step)
+from dasd_jax import (atomic, checkpoint, data, fit_check, hf, host_memory, lora, model, sampling,
+                      sharding, shift, stages, step)
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import coding, commonsense, registry
+
 
 def task_list(config: Any) -> list[str]:
     names = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
     known = registry.eval_tasks()
     unknown = [t for t in names if t not in known]
-    if unknown or not names:
+    if unknown or not (names or shift.enabled(config)):
         raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from {', '.join(known)}")
     return names
 
@@ -119,22 +120,18 @@ def generate_completions(config, cfg, params, tokenizer,
 
 
 def choice_logliks(config, cfg, params, tokenizer, items: list[dict]) -> list[list[tuple[float, int]]]:
-    """Per item, per choice: (sum log p(continuation | context), the choice's length for acc_norm)."""
-    pairs = [(i, c, cont) for i, item in enumerate(items) for c, cont in
-             enumerate(commonsense.choice_pairs(item))]
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    contexts = [bos + tokenizer(context, add_special_tokens=False)["input_ids"]
-                for _, _, (context, _) in pairs]
-    continuations = [tokenizer(cont, add_special_tokens=False)["input_ids"]
-                     for _, _, (_, cont) in pairs]
+    """Per item, per choice: (sum log p(continuation | context), the choice's length for acc_norm).
+    Pairs are tokenized as lm-eval's `hf` model does (`commonsense.encode_pair`)."""
+    pairs = [(i, c, commonsense.encode_pair(tokenizer, context, continuation, config.eval.bos))
+             for i, item in enumerate(items)
+             for c, (context, continuation) in enumerate(commonsense.choice_pairs(item))]
+    scored = sampling.score_stats(
+        cfg, params, [encoded[0] for _, _, encoded in pairs],
+        [encoded[1] for _, _, encoded in pairs], ("logprob",), tuple(config.eval.prompt_buckets),
+        batch_size=config.eval.batch_size)
     out = [[None] * len(commonsense.choice_pairs(item)) for item in items]
-    size = config.eval.batch_size
-    buckets = tuple(config.eval.prompt_buckets)
-    for start in range(0, len(pairs), size):
-        scored = sampling.score(cfg, params, contexts[start:start + size],
-                                continuations[start:start + size], buckets)
-        for (i, c, _), (logprob, _) in zip(pairs[start:start + size], scored):
-            out[i][c] = float(np.sum(logprob))
+    for (i, c, _), found in zip(pairs, scored):
+        out[i][c] = float(np.sum(found["logprob"]))
     return [list(zip(scores, commonsense.choice_lengths(item))) for scores, item in zip(out, items)]
 
 
@@ -264,6 +261,22 @@ def format_table(summaries: dict, baseline: dict | None, tuned: set[str]) -> str
     return "\n".join(rows)
 
 
+def distribution_shift(config, tuned: tuple, base: tuple, output: Path) -> dict:
+    """`shift.measure` of the tuned model (cfg, params, tokenizer) against the base: per-prompt
+    lines to {output}/shift.jsonl, the per-task summary returned."""
+    if len(tuned[2]) != len(base[2]):
+        raise UserError(f"--config.eval.shift: the checkpoint's tokenizer ({len(tuned[2])} "
+                        f"tokens) is not the base's ({len(base[2])}); the shift compares the "
+                        "same text under both models")
+    answered = shift.base_answers(config, base[0], base[1], base[2])
+    lines, summary = shift.measure(config, base[:2], tuned[:2], answered)
+    if jax.process_index() == 0:
+        atomic.write_text(output / "shift.jsonl", "".join(json.dumps(line) + "\n"
+                                                           for line in lines))
+    return summary
+
+
+@host_memory.released
 def evaluate(config: Any) -> dict:
     """Runs the evaluation; returns the summary written to summary.json."""
     config = stages.finalize(config)
@@ -273,35 +286,54 @@ def evaluate(config: Any) -> dict:
         raise UserError("--config.workdir is required (paths may use {workdir})")
     tasks = task_list(config)
     output = Path(config.eval.output)
-    baseline = None
+    baseline = shifted = None
     if config.eval.predictions:
         lines, summaries = score_predictions(config, tasks)
     else:
         mesh = sharding.make_mesh(config.mesh.shape)
-        cfg, params, tokenizer = load_checkpoint(config, config.eval.checkpoint, mesh)
-        lines, summaries = evaluate_model(config, cfg, params, tokenizer, tasks, mesh)
-        if config.eval.baseline:
-            del params
-            cfg, params, tokenizer = load_checkpoint(config, config.eval.baseline, mesh)
-            _, baseline = evaluate_model(config, cfg, params, tokenizer, tasks, mesh)
-    tuned = {t.strip() for t in config.eval.tuned_tasks.split(",") if t.strip()}
+        tuned = load_checkpoint(config, config.eval.checkpoint, mesh)
+        lines, summaries = evaluate_model(config, *tuned, tasks, mesh)
+        base = None
+        if shift.enabled(config):
+            base = load_checkpoint(config, "base", mesh)
+            with sharding.activation_rules(mesh, config.mesh.rules):
+                shifted = distribution_shift(config, tuned, base, output)
+        del tuned
+        if config.eval.baseline and tasks:
+            if base is None or config.eval.baseline != "base":
+                base = None  # one model in memory at a time
+                base = load_checkpoint(config, config.eval.baseline, mesh)
+            _, baseline = evaluate_model(config, *base, tasks, mesh)
+    tuned_tasks = {t.strip() for t in config.eval.tuned_tasks.split(",") if t.strip()}
     summary = {"tasks": summaries}
     if baseline is not None:
         summary["baseline"] = baseline
         summary["forgetting"] = {task: summaries[task]["accuracy"] - baseline[task]["accuracy"]
-                                 for task in tasks if task not in tuned}
+                                 for task in tasks if task not in tuned_tasks}
+    if shifted is not None:
+        summary["shift"] = shifted
     if jax.process_index() == 0:
         for task, task_lines in lines.items():
             atomic.write_text(output / f"{task}.jsonl",
                               "".join(json.dumps(line, default=str) + "\n" for line in task_lines))
         atomic.write_text(output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-        print(format_table(summaries, baseline, tuned))
+        print(format_table(summaries, baseline, tuned_tasks))
+        if shifted is not None:
+            print(format_shift(shifted))
         for task, task_summary in summaries.items():
             for key in ("note", "ids_not_in_the_data"):
                 if key in task_summary:
                     print(f"{task}: {key.replace('_', ' ')}: {task_summary[key]}")
         print(f"wrote {output / 'summary.json'}")
     return summary
+
+
+def format_shift(shifted: dict) -> str:
+    rows = [f"{'shift from the base':<20}{'prompts':>8}{'KL':>16}{'ΔNLL':>18}{'top-1 changed':>20}"]
+    for task, s in shifted.items():
+        cells = [f"{s[name]:.4f} ± {s[name + '_se'] or 0:.4f}" for name in shift.MEASURES]
+        rows.append(f"{task:<20}{s['prompts']:>8}{cells[0]:>16}{cells[1]:>18}{cells[2]:>20}")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

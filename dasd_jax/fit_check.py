@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
@@ -102,22 +102,24 @@ def _abstract(shapes, shardings):
                         shapes, shardings)
 
 
-def train_programs(config: Any, cfg: model.ModelConfig, mesh) -> tuple[list, step.StepSetup]:
-    run = step.setup(config, cfg, mesh)
+PIPELINE = ("train", "rewrite", "evaluate")
+
+
+def programs(config: Any, cfg: model.ModelConfig, mesh, run: step.StepSetup,
+             parts: tuple[str, ...] = PIPELINE) -> Iterator:
+    """The programs of the stages in `parts`, compiled one at a time (ProgramMemory each): the
+    train step, then the rewrite's and evaluation's programs on params as `stages.load_model`
+    loads them."""
     lowered = run.train_step.lower(*run.abstract_inputs(config.train.batch_size,
                                                         max(config.data.buckets)))
-    name = (f"train step ({config.selection.rule}, {config.train.batch_size} x "
-            f"{max(config.data.buckets)}{', LoRA' if run.lora else ''})")
-    return [_compile("train", name, lowered)], run
-
-
-def decoding_programs(config: Any, cfg: model.ModelConfig, mesh) -> list[ProgramMemory]:
-    """The rewrite's and evaluation's programs, on params as `stages.load_model` loads them."""
+    yield _compile("train", f"train step ({config.selection.rule}, {config.train.batch_size} x "
+                   f"{max(config.data.buckets)}{', LoRA' if run.lora else ''})", lowered)
+    if parts == ("train",):
+        return
     params = _abstract(model.param_shapes(cfg),
                        sharding.param_shardings(cfg, mesh, config.mesh.rules))
     eos = tuple(cfg.eos_token_ids)
     rewrite, evaluate = config.rewrite, config.eval
-    out = []
     kind = "codecode" if rewrite.mode == "dasd" else "plain"
     settings = sampling.Settings(max_new_tokens=rewrite.max_new_tokens, eos_ids=eos,
                                  candidate_top_k=rewrite.candidate_top_k,
@@ -126,19 +128,17 @@ def decoding_programs(config: Any, cfg: model.ModelConfig, mesh) -> list[Program
     with sharding.activation_rules(mesh, config.mesh.rules):
         for part, lowered in sampling.lower_decoding(cfg, params, settings, rewrite.batch_size,
                                                      kind, mesh).items():
-            out.append(_compile("rewrite", f"{label} {part} ({rewrite.batch_size} examples)",
-                                lowered))
+            yield _compile("rewrite", f"{label} {part} ({rewrite.batch_size} examples)", lowered)
         length = max(rewrite.prompt_buckets) + config.data.max_seq_len
-        out.append(_compile("rewrite", f"teacher-forced scoring ({rewrite.batch_size} x {length})",
-                            sampling.lower_scoring(cfg, params, rewrite.batch_size, length,
-                                                   ("logprob", "top1", "argmax"), mesh)))
+        yield _compile("rewrite", f"teacher-forced scoring ({rewrite.batch_size} x {length})",
+                       sampling.lower_scoring(cfg, params, rewrite.batch_size, length,
+                                              ("logprob", "top1", "argmax"), mesh))
         settings = sampling.Settings(max_new_tokens=evaluate.max_new_tokens, eos_ids=eos,
                                      prompt_buckets=tuple(evaluate.prompt_buckets))
         for part, lowered in sampling.lower_decoding(cfg, params, settings, evaluate.batch_size,
                                                      "plain", mesh).items():
-            out.append(_compile("evaluate", f"decoding {part} ({evaluate.batch_size} examples)",
-                                lowered))
-    return out
+            yield _compile("evaluate", f"decoding {part} ({evaluate.batch_size} examples)",
+                           lowered)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -178,46 +178,52 @@ def step_cost(config: Any, cfg: model.ModelConfig, mesh) -> dict | None:
 # ----------------------------------------------------------------------------- the check
 
 
-def check(config: Any) -> dict:
-    """Compiles every program for `config.compile_for` (or this machine), prints the table and
-    the verdict, and returns the report; raises DoesNotFit when a program does not fit."""
+def check(config: Any, parts: tuple[str, ...] = PIPELINE) -> dict:
+    """Compiles every program for `config.compile_for` (or this machine), printing each as it is
+    compiled, then the FLOPs and the verdict; returns the report and raises DoesNotFit when a
+    program does not fit. parts: ("train",) compiles the train step alone."""
     target = targets.resolve(config.compile_for)
     mesh = sharding.make_mesh(config.mesh.shape, devices=target.devices)
     step.check_batch_layout(config, mesh)
     cfg = stages.model_config_only(config)
     cfg = cfg.replace(platform=cfg.platform or target.platform)
-    programs, run = train_programs(config, cfg, mesh)
-    programs += decoding_programs(config, cfg, mesh)
-    model_flops = run.flops(config.train.batch_size, max(config.data.buckets)) / mesh.size
-    # GPU compile-only targets give no cost analysis; a refused step has no cost to estimate.
-    estimable = target.platform != "gpu" and not programs[0].refused
-    cost = step_cost(config, cfg, mesh) if estimable else None
+    run = step.setup(config, cfg, mesh)
     usable = target.usable_bytes
-    largest = max(programs, key=lambda p: p.peak)
     report = {
         "target": config.compile_for or target.platform, "devices": len(target.devices),
         "device_kind": target.chip.name if target.chip else target.devices[0].device_kind,
         "params": cfg.num_params, "mesh": dict(mesh.shape),
         "batch": [config.train.batch_size, max(config.data.buckets)],
-        "programs": [p.as_dict() for p in programs],
         "usable_gib_per_device": None if usable is None else usable / GIB,
         "weights_gib": run.weight_bytes() / GIB,
-        "model_flops_per_device": model_flops,
-        "compiler_flops_per_device": cost["flops"] if cost else None,
-        "compiler_bytes_per_device": cost["bytes"] if cost else None,
     }
-    train_step = programs[0]
+    if run.lora:
+        report["lora"] = _lora_saving(config, cfg, mesh, run)
+    _print_header(report, target, config)
+    compiled = []
+    for program in programs(config, cfg, mesh, run, parts):
+        _print_program(program)
+        compiled.append(program)
+    report["programs"] = [p.as_dict() for p in compiled]
+    train_step = compiled[0]
     report.update(argument_gib=train_step.argument / GIB, output_gib=train_step.output / GIB,
                   temp_gib=train_step.temp / GIB, alias_gib=train_step.alias / GIB,
                   peak_gib_per_device=train_step.peak / GIB)
+    # GPU compile-only targets give no cost analysis; a refused step has no cost to estimate.
+    cost = (step_cost(config, cfg, mesh) if target.platform != "gpu" and not train_step.refused
+            else None)
+    report["model_flops_per_device"] = (run.flops(config.train.batch_size,
+                                                  max(config.data.buckets)) / mesh.size)
+    report["compiler_flops_per_device"] = cost["flops"] if cost else None
+    report["compiler_bytes_per_device"] = cost["bytes"] if cost else None
     if target.chip is not None:
-        report["step_seconds_lower_bound"] = _time_bound(cost, model_flops, target.chip)
-    if run.lora:
-        report["lora"] = _lora_saving(config, cfg, mesh, run)
-    failing = next((p for p in programs if p.refused), None) or (
+        report["step_seconds_lower_bound"] = _time_bound(cost, report["model_flops_per_device"],
+                                                         target.chip)
+    largest = max(compiled, key=lambda p: p.peak)
+    failing = next((p for p in compiled if p.refused), None) or (
         largest if usable is not None and largest.peak > usable else None)
     report["fits"] = failing is None
-    _print(report, programs, target, config)
+    _print_verdict(report, largest)
     if failing is not None:
         sharded_over = mesh.shape["fsdp"] * mesh.shape["tensor"]
         raise DoesNotFit(_shortfall(config, target, failing, usable,
@@ -304,8 +310,7 @@ def _larger_target(name: str) -> str | None:
     return None
 
 
-def _print(report: dict, programs: list[ProgramMemory], target: targets.Target,
-           config: Any) -> None:
+def _print_header(report: dict, target: targets.Target, config: Any) -> None:
     usable = report["usable_gib_per_device"]
     print(f"target       {target.describe()}"
           + ("" if usable is None else f"; {usable:.2f} GiB usable per device"))
@@ -320,14 +325,20 @@ def _print(report: dict, programs: list[ProgramMemory], target: targets.Target,
               f"{saving['weights_gib']:.3f} GiB vs {saving['full_finetune_weights_gib']:.3f} GiB "
               f"fully fine-tuned: saves {saving['saved_gib']:.3f} GiB")
     print(f"{'memory/device':<15}{'program':<48}{'arguments':>11}{'temporaries':>13}"
-          f"{'outputs':>11}{'peak':>11}  (GiB)")
-    for program in programs:
-        label = f"{program.stage}: {program.name}"
-        if program.refused:
-            print(f"{'':<15}{label:<48}  refused by the compiler: {program.refused[:160]}")
-            continue
-        print(f"{'':<15}{label:<48}{program.argument / GIB:>11.3f}{program.temp / GIB:>13.3f}"
-              f"{program.output / GIB:>11.3f}{program.peak / GIB:>11.3f}")
+          f"{'outputs':>11}{'peak':>11}  (GiB)", flush=True)
+
+
+def _print_program(program: ProgramMemory) -> None:
+    label = f"{program.stage}: {program.name}"
+    if program.refused:
+        print(f"{'':<15}{label:<48}  refused by the compiler: {program.refused[:160]}",
+              flush=True)
+        return
+    print(f"{'':<15}{label:<48}{program.argument / GIB:>11.3f}{program.temp / GIB:>13.3f}"
+          f"{program.output / GIB:>11.3f}{program.peak / GIB:>11.3f}", flush=True)
+
+
+def _print_verdict(report: dict, largest: ProgramMemory) -> None:
     flops = report["compiler_flops_per_device"]
     print(f"step FLOPs   {report['model_flops_per_device']:.3e} per device (model FLOPs)"
           + ("" if flops is None else
@@ -339,11 +350,11 @@ def _print(report: dict, programs: list[ProgramMemory], target: targets.Target,
         print(f"estimate     >= {_duration(bound['seconds'])} per step per chip (FLOPs / peak "
               f"{_duration(bound['compute_s'])}{memory}; the chip's published figures: an "
               "estimate, not a measurement)")
-    largest = max(programs, key=lambda p: p.peak)
+    usable = report["usable_gib_per_device"]
     verdict = "fits" if report["fits"] else "does NOT fit"
     room = "" if usable is None else f" of {usable:.2f} GiB"
     print(f"verdict      {verdict}: largest peak {largest.peak / GIB:.3f} GiB{room} per device "
-          f"({largest.stage}: {largest.name})")
+          f"({largest.stage}: {largest.name})", flush=True)
 
 
 def _duration(seconds: float) -> str:

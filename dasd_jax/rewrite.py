@@ -33,9 +33,10 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from dasd_jax import atomic, data, fit_check, sampling, sharding, stages
+from dasd_jax import atomic, data, fit_check, host_memory, sampling, sharding, stages
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers, registry
+
 MODES = ("sdft", "dasd")
 
 
@@ -312,6 +313,7 @@ def summarize(records: list[dict], skipped: Counter, skipped_ids: dict) -> dict:
     }
 
 
+@host_memory.released
 def rewrite(config: Any) -> dict:
     """Rewrites every record not yet in the output; returns the summary."""
     config = stages.finalize(config)

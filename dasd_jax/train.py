@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import (checkpoint, data, fit_check, hf, lora, metrics, model, rewrite, sampling,
-                      sharding, stages, step)
+from dasd_jax import (checkpoint, data, fit_check, hf, host_memory, lora, metrics, model, rewrite,
+                      sampling, sharding, stages, step)
 from dasd_jax.errors import TrainingDiverged, UserError
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
@@ -149,6 +149,7 @@ def held_out_loss(config, run: step.StepSetup, state, base_params, examples) -> 
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
+@host_memory.released
 def train(config: Any) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics."""
     config = stages.finalize(config)

@@ -127,6 +127,8 @@ FIELDS: dict[str, Rule] = {
     "eval.limit": COUNT, "eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE,
     "eval.temperature": at_least(0.0), "eval.top_p": within(0.0, 1.0, low_open=True),
     "eval.samples": POSITIVE, "eval.prompt_buckets": buckets,
+    "eval.bos": one_of("tokenizer", "always", "never"), "eval.shift.tasks": text,
+    "eval.shift.limit": COUNT, "eval.shift.max_new_tokens": POSITIVE,
     "analyze.limit": COUNT, "analyze.examples": COUNT,
     "demo.pretrain_examples": POSITIVE, "demo.pretrain_steps": POSITIVE,
     "demo.pretrain_batch_size": POSITIVE, "demo.pretrain_learning_rate": above(0.0),

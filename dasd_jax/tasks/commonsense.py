@@ -72,6 +72,35 @@ LOCAL_FILES = {
 SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
 
 
+BOS_MODES = ("tokenizer", "always", "never")
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                bos: str = "tokenizer") -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's `hf` model encodes a log-likelihood request:
+    the context's trailing spaces move to the continuation, the whole text is encoded and the
+    continuation is what follows the context's own encoding (so a token that spans the border
+    counts as the continuation's). bos: "tokenizer" adds what the tokenizer's encode() adds by
+    itself (lm-eval's default: Llama 3's tokenizer adds its BOS, SmolLM2's and Qwen's none);
+    "always" puts the BOS token first where that adds none (models trained to expect it);
+    "never" adds no special token."""
+    if bos not in BOS_MODES:
+        raise UserError(f"--config.eval.bos={bos!r}: choose from {', '.join(BOS_MODES)}")
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=bos == "tokenizer")["input_ids"]
+        first = tokenizer.bos_token_id
+        if bos == "always" and first is not None and ids[:1] != [first]:
+            ids = [first] + ids
+        return ids
+
+    whole, context_ids = encode(context + continuation), encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
 def default_split(task: str) -> str:
     """The split lm-eval-harness evaluates `task` on (its test split where it is labelled)."""
     return next(iter(LOCAL_FILES[_check_task(task)][1]))
