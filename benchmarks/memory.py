@@ -29,7 +29,7 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from configs import math as math_config  # noqa: E402
-from dasd_jax import evaluate, fit_check, rewrite, step, stages, train  # noqa: E402
+from dasd_jax import evaluate, fit_check, rewrite, run_config, train  # noqa: E402
 from dasd_jax.pipeline import stage_config  # noqa: E402
 
 MIB = 2 ** 20
@@ -106,7 +106,7 @@ def compiled_train_peak(config) -> float:
     """The fit check's compiled peak of the train step on this machine, in MiB."""
     checked = config.copy_and_resolve_references()
     checked.dry_run = True
-    report = fit_check.check(step.with_rho(stages.finalize(checked)))
+    report = fit_check.check(run_config.resolve(checked))
     return report["peak_gib_per_device"] * 1024
 
 

@@ -813,13 +813,6 @@ def _hidden_cached_by_layer(cfg, params, tokens, cache, lora):
     return hidden, KVCache(keys, values, cache.lengths + length)
 
 
-def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, cache: KVCache, *,
-                   lora: PyTree | None = None) -> tuple[Array, KVCache]:
-    """Logits dtype[B, T, V] of T new tokens per row and the updated cache (`hidden_cached`)."""
-    hidden, cache = hidden_cached(cfg, params, tokens, cache, lora=lora)
-    return unembed(cfg, params, hidden), cache
-
-
 def forward(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,
             segment_ids: Array | None = None, *, lora: PyTree | None = None,
             dropout_rng: Array | None = None) -> Array:

@@ -147,6 +147,13 @@ class MeshJit:
             return self.jitted.lower(*args)
 
 
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs of a pytree of shapes (`jax.eval_shape`'s) laid out by `shardings`:
+    what a program is lowered for, or a checkpoint restored into, without allocating."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
 def mesh_of(tree) -> Mesh | None:
     """The mesh the arrays (or ShapeDtypeStructs) of `tree` are laid out on, or None when they
     carry no NamedSharding."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dasd_jax import char_tokenizer, config_defaults, hf, stages
+from dasd_jax import char_tokenizer, config_defaults, hf, loading, validation
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import synthetic
 
@@ -48,10 +48,11 @@ def test_words_must_be_letters():
 
 def test_a_random_model_tokenizer_is_chosen_by_config_and_a_bad_choice_names_the_flag():
     config = config_defaults.base_config()
-    assert len(stages.random_tokenizer(config)) == len(char_tokenizer.build())
+    assert len(loading.random_tokenizer(config)) == len(char_tokenizer.build())
     config.model.random_tokenizer = "synthetic"
-    assert stages.random_tokenizer(config).convert_ids_to_tokens(
-        stages.random_tokenizer(config)("start 12")["input_ids"]) == ["start", " 12"]
+    assert loading.random_tokenizer(config).convert_ids_to_tokens(
+        loading.random_tokenizer(config)("start 12")["input_ids"]) == ["start", " 12"]
     config.model.random_tokenizer = "bpe"
-    with pytest.raises(UserError, match=r"--config.model.random_tokenizer='bpe': choose characters"):
-        stages.random_tokenizer(config)
+    with pytest.raises(UserError, match=r"--config.model.random_tokenizer='bpe': choose from "
+                                        r"characters, synthetic"):
+        validation.validate(config)

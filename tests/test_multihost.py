@@ -77,7 +77,7 @@ def test_two_hosts_rewrite_and_train_like_one(tmp_path):
              for d in (single, multi)}
     for one, two in zip(lines[single], lines[multi]):
         assert one["response_ids"] == two["response_ids"] and one["source"] == two["source"]
-        np.testing.assert_allclose(one["ref_logprobs"], two["ref_logprobs"], atol=1e-5)
+        np.testing.assert_allclose(one["ref_logprob"], two["ref_logprob"], atol=1e-5)
     losses = {d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
               for d in (single, multi)}
     assert len(losses[multi]) == 6

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import math as math_config
-from dasd_jax import evaluate, losses, model, sampling, sharding, shift, stages
+from dasd_jax import evaluate, losses, model, sampling, sharding, shift, loading, run_config
 
 
 def softmax_log(logits):
@@ -42,8 +42,8 @@ def tiny(tmp_path_factory):
     config.eval.update(batch_size=4, prompt_buckets=(64, 128))
     config.eval.shift.update(tasks="synthetic", limit=6, max_new_tokens=12,
                              cache=str(tmp_path_factory.mktemp("cache")))
-    config = stages.finalize(config)
-    cfg, params, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1),
+    config = run_config.resolve(config)
+    cfg, params, tokenizer = loading.load_model(config, sharding.make_mesh((1, 1, 1),
                                                                           jax.devices()[:1]))
     return config, cfg, params, tokenizer
 

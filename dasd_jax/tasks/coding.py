@@ -8,7 +8,6 @@
     coding.prompt_text(item, "humaneval")                # the instruction given to a chat model
     coding.score(item, completion, "humaneval")          # {"passed": True, "status": "passed",
                                                          #  "reason": ""}
-    coding.pass_at_k(n=10, c=3, k=1)                     # unbiased estimator (Codex paper)
 
 A completion's code is its ```python blocks (else its whole text), as `answers.program` reads
 it. For HumanEval that code is either the rest of the prompt's function (a body continuation)
@@ -26,7 +25,6 @@ import ast
 import builtins
 import gzip
 import json
-import math
 import re
 import secrets
 import warnings
@@ -253,17 +251,6 @@ def score(item: dict, completion: str, family: str, *, solution_site_packages: b
     reason = failed[0] if failed else (f"no verdict (exit status {outcome.returncode}): "
                                        f"{outcome.stderr.strip()[-300:]}")
     return {"passed": False, "status": "failed", "reason": reason}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimate from n samples of which c passed: 1 - C(n-c, k) / C(n, k),
-    computed as 1 - prod_{i=n-c+1}^{n} (1 - k / i) (Chen et al. 2021), stable for large n."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise UserError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k} "
-                        "(draw at least k samples per problem)")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def _task(family: str, loader) -> registry.EvalTask:

@@ -1,6 +1,10 @@
-"""What every stage's command line shares: the --config flag, paths, and the model it runs on.
+"""What every stage's command line shares: the --config flag, its checks, distributed start-up.
 
     python -m dasd_jax.<stage> --config=configs/math.py[:variant] [--config.a.b=value]
+
+`run(stage)` parses the flags (each mistake one line, exit 2), starts JAX's multi-host runtime
+when the run has several processes, and calls `stage(config)`; the stage resolves and freezes
+its config first thing (`run_config.resolve`).
 """
 
 from __future__ import annotations
@@ -16,18 +20,16 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dasd_jax import char_tokenizer, hf, model, sharding, targets, validation
-from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
-from dasd_jax.tasks import synthetic
+from dasd_jax import validation
+from dasd_jax.errors import UserError, exit_on_user_error
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. configs/math.py:tiny",
                                          lock_config=True)
 
 
-def run(stage: Callable[[Any], object], finalize_config: bool = True) -> None:
+def run(stage: Callable[[Any], object]) -> None:
     """`app.run` for a stage's `stage(config)`: bad input (flags, the config file, any field's
-    value) prints one line and exits 2 before any work starts. The stage gets the finalized
-    config (`finalize`), or with finalize_config=False the validated one as given."""
+    value) prints one line and exits 2 before any work starts."""
 
     @exit_on_user_error
     def main(argv) -> None:
@@ -38,10 +40,7 @@ def run(stage: Callable[[Any], object], finalize_config: bool = True) -> None:
         if CONFIG.value is None:
             raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
         config = CONFIG.value
-        if finalize_config:
-            config = finalize(config)
-        else:
-            validation.validate(config)
+        validation.validate(config)
         initialize_distributed(config)
         stage(config)
 
@@ -130,92 +129,3 @@ def initialize_distributed(config: Any) -> None:
             initialization_timeout=settings.initialization_timeout)
     elif _cluster_detected():
         jax.distributed.initialize(initialization_timeout=settings.initialization_timeout)
-
-
-PATH_FIELDS = ("data.path", "data.eval_path", "rewrite.input", "rewrite.output",
-               "eval.checkpoint", "eval.baseline", "eval.predictions", "eval.output",
-               "analyze.sources", "analyze.output", "demo.cache_dir")
-
-
-def finalize(config: Any) -> Any:
-    """The config a stage runs on: every field validated (`validation.validate`), "{workdir}" in
-    every path field (PATH_FIELDS and eval.paths.*) replaced by the workdir, and a leading "~"
-    expanded. A copy; finalizing twice changes nothing."""
-    validation.validate(config)
-    config = config.copy_and_resolve_references()
-    workdir = os.path.expanduser(str(config.workdir)) if config.workdir else ""
-    config.workdir = workdir
-
-    def resolved(value: str) -> str:
-        value = value.replace("{workdir}", workdir)
-        return os.path.expanduser(value) if value.startswith("~") else value
-
-    for dotted in PATH_FIELDS:
-        section, name = dotted.split(".")
-        if section in config and isinstance(config[section].get(name), str):
-            config[section][name] = resolved(config[section][name])
-    if "eval" in config:
-        for task, path in config.eval.paths.items():
-            config.eval.paths[task] = resolved(path or "")
-    return config
-
-
-def load_model(config: Any, mesh):
-    """(cfg, params, tokenizer): from `model.path`, or random from `model.random`."""
-    if config.model.path:
-        try:
-            cfg, params = hf.load(config.model.path, dtype=config.model.param_dtype, mesh=mesh,
-                                  rules=config.mesh.rules)
-            tokenizer = hf.load_tokenizer(config.model.path, cfg)
-        except CheckpointError as error:
-            raise CheckpointError(f"--config.model.path: {error}") from None
-        return cfg.replace(platform=targets.platform_for(config)), params, tokenizer
-    tokenizer = random_tokenizer(config)
-    cfg = random_model_config(config, tokenizer)
-    init = jax.jit(model.init, static_argnums=0,
-                   out_shardings=sharding.param_shardings(cfg, mesh, config.mesh.rules))
-    return cfg, init(cfg, jax.random.key(config.seed)), tokenizer
-
-
-def random_tokenizer(config: Any):
-    """The tokenizer of a random model (`model.path` ""): `model.random_tokenizer` "characters",
-    or "synthetic" (characters plus the synthetic world's words and numbers as single tokens)."""
-    kind = config.model.random_tokenizer
-    if kind == "characters":
-        return char_tokenizer.build()
-    if kind == "synthetic":
-        return synthetic.tokenizer()
-    raise UserError(f"--config.model.random_tokenizer={kind!r}: choose characters or synthetic")
-
-
-def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
-    return model.ModelConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-        param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
-        platform=targets.platform_for(config), **config.model.random.to_dict(),
-    )
-
-
-def model_config_and_tokenizer(config: Any):
-    """(ModelConfig, tokenizer) of `model.path` (or the random model) without reading weights."""
-    cfg = model_config_only(config)
-    if not config.model.path:
-        return cfg, random_tokenizer(config)
-    try:
-        return cfg, hf.load_tokenizer(hf.resolve(config.model.path), cfg)
-    except CheckpointError as error:
-        raise CheckpointError(f"--config.model.path: {error}") from None
-
-
-def model_config_only(config: Any) -> model.ModelConfig:
-    """The ModelConfig without reading any weights (for dry runs)."""
-    if not config.model.path:
-        return random_model_config(config, random_tokenizer(config))
-    try:
-        directory = hf.resolve(config.model.path)
-    except CheckpointError as error:
-        raise CheckpointError(f"--config.model.path: {error}") from None
-    return hf.config_from_hf(hf.read_config(directory), config.model.param_dtype).replace(
-        platform=targets.platform_for(config))
-
