@@ -35,8 +35,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import fit_check, run_config, targets  # noqa: E402
+from configs import math as math_config
+from dasd_jax import fit_check, run_config, targets
 
 MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b")
 TARGETS = ("v5e:2x4", "v5e:4x4", "v5p:2x2x2", "v6e:2x4", "h100x8", "h200x8")

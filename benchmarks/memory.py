@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import evaluate, fit_check, rewrite, run_config, train  # noqa: E402
-from dasd_jax.pipeline import stage_config  # noqa: E402
+from configs import math as math_config
+from dasd_jax import evaluate, fit_check, rewrite, run_config, train
+from dasd_jax.pipeline import stage_config
 
 MIB = 2 ** 20
 

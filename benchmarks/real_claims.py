@@ -54,10 +54,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import analyze, evaluate, rewrite, train  # noqa: E402
-from dasd_jax.pipeline import stage_config, training_means  # noqa: E402
-from dasd_jax.tasks import commonsense  # noqa: E402
+from configs import math as math_config
+from dasd_jax import analyze, evaluate, rewrite, train
+from dasd_jax.pipeline import stage_config, training_means
+from dasd_jax.tasks import commonsense
 
 COMMONSENSE = ("arc_easy", "arc_challenge", "piqa", "boolq", "commonsenseqa")
 SHIFT_TASKS = ("humaneval", "mbpp", "arc_challenge", "math500")
@@ -279,8 +279,9 @@ def markdown(table: dict) -> str:
         group = [r for r in runs(table) if r["method"] == name]
         if not group:
             continue
-        mean = lambda key: statistics.fmean(r[key] for r in group)  # noqa: E731
-        spread = lambda key: statistics.stdev(r[key] for r in group) if len(group) > 1 else 0.0  # noqa: E731
+        mean = lambda key, group=group: statistics.fmean(r[key] for r in group)
+        spread = lambda key, group=group: (statistics.stdev(r[key] for r in group)
+                                           if len(group) > 1 else 0.0)
         cells = [f"{mean(c):.1%} ± {spread(c):.1%}" for c in columns]
         rows.append(f"| {name} ({len(group)} seeds) | " + " | ".join(cells)
                     + f" | {mean('kl'):.4f} ± {spread('kl'):.4f} | {mean('delta_nll'):+.3f} | "

@@ -5,9 +5,9 @@
         --compute_dtype=bfloat16 --remat_policy=dots_no_batch                      # GPU
     ... --lora_rank=16                                                             # LoRA
 
-Both steps are the real `step.setup(...).train_step` (random params, random tokens with a 25% prompt);
-`dasd` adds the frozen base forward. Prints one JSON line per rule and the DASD/SFT time ratio.
-Record results in benchmarks/RESULTS.md with the date, device, jax version and command.
+Both steps are the real `step.setup(...).train_step` (random params, random tokens with a 25%
+prompt); `dasd` adds the frozen base forward. Prints one JSON line per rule and the DASD/SFT
+time ratio. Record results in benchmarks/RESULTS.md with the date, device, jax version and command.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
     return {
         "rule": rule, "shape": args.shape, "params": cfg.num_params, "batch": args.batch,
         "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
-        "remat_policy": args.remat_policy, "lora_rank": args.lora_rank, "device": jax.devices()[0].device_kind,
+        "remat_policy": args.remat_policy, "lora_rank": args.lora_rank,
+        "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(), "jax": jax.__version__,
         "compile_s": round(compile_seconds, 2), "step_ms": round(seconds * 1e3, 2),
         "tokens_per_s": round(tokens / seconds),

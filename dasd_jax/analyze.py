@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import (atomic, cli, data, host_memory, loading, rewrite_file, run_config, sampling,
-                      selection, sharding, signals)
+from dasd_jax import (atomic, cli, data, loading, rewrite_file, run_config, sampling, selection,
+                      sharding, signals, stages)
 from dasd_jax.errors import UserError
 
 THRESHOLDS = (10, 100)
@@ -38,7 +38,8 @@ CATEGORY_COLORS = {"aligned": "#d8f0d8", "correction": "#ffe08a", "drift": "#f6b
 
 
 def parse_sources(spec: str) -> list[tuple[str, str, str]]:
-    """"name=path[@target],..." -> [(name, path, target)]; target: response (default) | reference."""
+    """"name=path[@target],..." -> [(name, path, target)]; target: response (default) or
+    reference."""
     sources = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, rest = part.partition("=")
@@ -172,7 +173,7 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
                     item["response_ids"], item["category"], np.exp(item["base_logprob"]),
                     np.exp(item["ref_logprob"]), item["base_top1"], ratios):
                 text = html.escape(tokenizer.decode([int(token)]))
-                shown = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"  # noqa: E731
+                shown = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"
                 spans.append(f"<span class='{category}' title='{category}: b={b:.3f} "
                              f"q={shown(q)} m={m:.3f} r={shown(r)}'>{text}</span>")
             parts.append(f"<h3>{html.escape(str(item['record'].get('id', '')))}</h3>"
@@ -182,11 +183,9 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
     return "\n".join(parts)
 
 
-@host_memory.released
+@stages.stage("analyze")
 def analyze(config: Any) -> dict:
     """Writes summary.json, confidence.png and tokens.html; returns the summary."""
-    rho = config.selection.rho  # unset: each source's own rewrite alpha
-    config = run_config.resolve(config, "analyze")
     mesh = sharding.make_mesh(config.mesh.shape)
     cfg, params, tokenizer = loading.load_model(config, mesh)
     output = Path(config.analyze.output)
@@ -202,8 +201,10 @@ def analyze(config: Any) -> dict:
             items = token_signals(config, cfg, params, tokenizer, records, target)
             if not items:
                 raise UserError(f"source {name!r} ({path}) has no non-empty {target}s")
-            alpha = rho or rewrite_file.recorded_alpha(path) or config.rewrite.alpha
-            stats[name] = categorize(items, run_config.replaced(config.selection, rho=alpha))
+            rho = config.selection.rho  # unless the config set it: each source's own alpha
+            if config.selection.rho_from != "config":
+                rho = rewrite_file.recorded_alpha(path) or config.rewrite.alpha
+            stats[name] = categorize(items, run_config.replaced(config.selection, rho=rho))
             sources[name] = items
     if jax.process_index() == 0:
         atomic.write_text(output / "summary.json", json.dumps(stats, indent=2) + "\n")

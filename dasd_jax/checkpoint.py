@@ -113,7 +113,8 @@ class Checkpointer:
             detail = " ".join(str(error).split())[:240]
             raise UserError(
                 f"the params of step {step} in {self.directory} do not fit this model ({detail});"
-                " evaluate with the model and --config.lora settings the run trained with") from None
+                " evaluate with the model and --config.lora settings the run trained with"
+            ) from None
         return restored["params"]
 
     def wait(self) -> None:

@@ -106,7 +106,8 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def _cluster_detected() -> bool:
-    """Whether JAX can find its peers by itself: a multi-host TPU slice or a multi-task SLURM job."""
+    """Whether JAX can find its peers by itself: a multi-host TPU slice or a multi-task SLURM
+    job."""
     tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
     return len(tpu_hosts) > 1 or (slurm_tasks > 1 and "SLURM_PROCID" in os.environ)

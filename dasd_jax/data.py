@@ -151,7 +151,7 @@ def _saved_rows(directory: Path, split: str) -> Iterator[tuple[str, dict]]:
     datasets = _import_datasets()
     try:
         data = datasets.load_from_disk(str(directory))
-    except Exception as error:  # a damaged or foreign directory: one message
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign directory: one message
         raise UserError(f"{directory}: cannot load the dataset saved there "
                         f"({type(error).__name__}: {error})") from None
     if isinstance(data, datasets.DatasetDict):
@@ -190,7 +190,7 @@ def hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
     datasets = _import_datasets()
     try:
         data = datasets.load_dataset(name, config or None, split=split)
-    except Exception as error:  # offline, unknown dataset or split: one message
+    except Exception as error:  # noqa: BLE001 - offline, unknown dataset or split: one message
         detail = str(error).splitlines()[0] if str(error) else ""
         raise UserError(
             f"{spec}: could not load dataset {name!r} (config {config or None!r}, split {split!r}) "
@@ -273,7 +273,7 @@ def _render(tokenizer, messages: list[dict], **options) -> str:
     """The chat template applied to `messages`, as text; UserError if the template fails."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
-    except Exception as error:  # jinja errors, templates that refuse a system message, ...
+    except Exception as error:  # noqa: BLE001 - jinja errors, templates refusing a system message
         raise UserError(
             f"the chat template of tokenizer {tokenizer.name_or_path or type(tokenizer).__name__} "
             f"failed ({type(error).__name__}: {error}); fix the template, or set "

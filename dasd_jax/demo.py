@@ -113,7 +113,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
     timings: dict[str, float] = {}
-    log = lambda text: print(f"[demo] {text}", flush=True)  # noqa: E731
+    log = lambda text: print(f"[demo] {text}", flush=True)
 
     started = time.perf_counter()
     base = pretrained_base(config, log)

@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import (atomic, checkpoint, cli, data, fit_check, hf, host_memory, loading,
-                      run_config, sampling, sharding, shift, step)
+from dasd_jax import (atomic, checkpoint, cli, data, hf, loading, sampling, sharding, shift, stages,
+                      step)
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import registry, scoring
 
@@ -45,7 +45,8 @@ def task_list(config: Any) -> list[str]:
     known = registry.eval_tasks()
     unknown = [t for t in names if t not in known]
     if unknown or not (names or shift.enabled(config)):
-        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from {', '.join(known)}")
+        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from "
+                        f"{', '.join(known)}")
     return names
 
 
@@ -135,7 +136,8 @@ def choice_logliks(config, cfg, params, tokenizer, spec: registry.EvalTask,
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_generative(task: str, items: list[dict], completions: list[list[str]]) -> tuple[list, dict]:
+def score_generative(task: str, items: list[dict],
+                     completions: list[list[str]]) -> tuple[list, dict]:
     """Per-example lines and the task summary; completions: per item, one or more samples.
 
     `accuracy` counts each item's first sample; with several samples per item, `pass@k`
@@ -244,7 +246,8 @@ def score_predictions(config, tasks: list[str]) -> tuple[dict, dict]:
 
 
 def format_table(summaries: dict, baseline: dict | None, tuned: set[str]) -> str:
-    rows = [f"{'task':<16}{'examples':>9}{'accuracy':>10}" + (f"{'base':>9}{'Δ':>8}" if baseline else "")]
+    header = f"{'task':<16}{'examples':>9}{'accuracy':>10}"
+    rows = [header + (f"{'base':>9}{'Δ':>8}" if baseline else "")]
     for task, s in summaries.items():
         row = f"{task:<16}{s['examples']:>9}{s['accuracy']:>10.1%}"
         if baseline and task in baseline:
@@ -273,12 +276,9 @@ def distribution_shift(config, tuned: tuple, base: tuple, output: Path) -> dict:
     return summary
 
 
-@host_memory.released
+@stages.stage("evaluate")
 def evaluate(config: Any) -> dict:
     """Runs the evaluation; returns the summary written to summary.json."""
-    config = run_config.resolve(config, "evaluate")
-    if config.dry_run:  # the whole pipeline's programs, compiled for compile_for
-        return fit_check.check(config)
     tasks = task_list(config)
     output = Path(config.eval.output)
     baseline = shifted = None
@@ -311,7 +311,8 @@ def evaluate(config: Any) -> dict:
         for task, task_lines in lines.items():
             atomic.write_text(output / f"{task}.jsonl",
                               "".join(json.dumps(line, default=str) + "\n" for line in task_lines))
-        atomic.write_text(output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic.write_text(output / "summary.json",
+                          json.dumps(summary, indent=2, default=str) + "\n")
         print(format_table(summaries, baseline, tuned_tasks))
         if shifted is not None:
             print(format_shift(shifted))

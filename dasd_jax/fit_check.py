@@ -70,7 +70,7 @@ class ProgramMemory:
 def _compile(stage: str, name: str, lowered) -> ProgramMemory:
     try:
         compiled = lowered.compile()
-    except Exception as error:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error
+    except Exception as error:
         text = " ".join(str(error).split())
         if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
             raise

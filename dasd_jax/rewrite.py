@@ -26,8 +26,7 @@ from typing import Any, Iterator
 
 import jax
 
-from dasd_jax import (atomic, cli, data, fit_check, host_memory, loading, rewrite_file,
-                      run_config, sampling, sharding, signals)
+from dasd_jax import (atomic, cli, data, loading, rewrite_file, sampling, sharding, signals, stages)
 from dasd_jax.tasks import answers, registry
 
 # ----------------------------------------------------------------------------- one batch
@@ -82,7 +81,8 @@ def finish_lines(config, cfg, params, tokenizer, batch: list[tuple[dict, samplin
     eos = set(settings_from(config, cfg, tokenizer).eos_ids)
     out = []
     for record, result in batch:
-        content = result.tokens[:-1] if result.tokens and result.tokens[-1] in eos else result.tokens
+        ends = bool(result.tokens) and result.tokens[-1] in eos
+        content = result.tokens[:-1] if ends else result.tokens
         text = tokenizer.decode(content, skip_special_tokens=True)
         reason = _judge(config.rewrite.task, record["prompt"], text, record["reference"],
                         result.finished)
@@ -128,12 +128,9 @@ def _prepare(config, cfg, tokenizer, records: list[dict], skipped: Counter, skip
     return ready
 
 
-@host_memory.released
+@stages.stage("rewrite")
 def rewrite(config: Any) -> dict:
     """Rewrites every record not yet in the output; returns the summary."""
-    config = run_config.resolve(config, "rewrite")
-    if config.dry_run:  # the whole pipeline's programs, compiled for compile_for
-        return fit_check.check(config)
     mesh = sharding.make_mesh(config.mesh.shape)
     output_path = Path(config.rewrite.output)
     primary = jax.process_index() == 0

@@ -1,6 +1,6 @@
 """A rewrite file: what stage 1 writes and stages 2 and 3 read.
 
-    output = rewrite_file.OutputFile(path, rewrite_file.fingerprint(config))  # refuses a foreign file
+    output = rewrite_file.OutputFile(path, rewrite_file.fingerprint(config))  # not another's
     output.append(lines)                      # whole lines, synced; a crash loses only these
     rewrite_file.written_by(path, config)     # whether this model wrote it (cached base signals)
     rewrite_file.recorded_alpha(path)         # the co-decoding alpha it was written with
@@ -178,7 +178,8 @@ def fill_signals(config, cfg, params, lines: list[dict], prompts: list[dict]) ->
 def summarize(records: list[dict], skipped: Counter, skipped_ids: dict) -> dict:
     """Acceptance, fallback reasons, mean |C_t| and high-PPL ratios of the kept responses."""
     kept = [r for r in records if r["source"] == "rewrite"]
-    base = np.concatenate([np.asarray(r["base_logprob"], np.float32) for r in kept] or [np.zeros(0)])
+    base = np.concatenate([np.asarray(r["base_logprob"], np.float32) for r in kept]
+                          or [np.zeros(0)])
     candidates = [n for r in kept for n in (r.get("n_candidates") or [])]
     return {
         "records": len(records),

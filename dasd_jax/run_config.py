@@ -49,9 +49,8 @@ def resolve(config: Any, stage: str | None = None) -> ml_collections.FrozenConfi
     config = mutable(config)
     validation.validate(config, stage)
     _resolve_paths(config)
-    if "selection" in config and config.selection.rho is None:
-        recorded = rewrite_file.recorded_alpha(config.data.path) if "data" in config else None
-        config.selection.rho = float(config.rewrite.alpha if recorded is None else recorded)
+    if "selection" in config:
+        _resolve_rho(config)
     if "mesh" in config:
         config.mesh.shape = _mesh_shape(config)
         if "train" in config:
@@ -122,6 +121,19 @@ def _mesh_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     for size in shape:
         known *= size if size != -1 else 1
     return tuple(devices // known if size == -1 else size for size in shape)
+
+
+def _resolve_rho(config: ml_collections.ConfigDict) -> None:
+    """selection.rho, and where it came from (selection.rho_from: "config", "rewrite" or
+    "default", so that a stage reading several rewrite files takes each one's own alpha
+    unless the config set rho)."""
+    source = "config"
+    if config.selection.rho is None:
+        recorded = rewrite_file.recorded_alpha(config.data.path) if "data" in config else None
+        source = "default" if recorded is None else "rewrite"
+        config.selection.rho = float(config.rewrite.alpha if recorded is None else recorded)
+    with config.unlocked():
+        config.selection.rho_from = source
 
 
 def _check_batch_layout(config: ml_collections.ConfigDict) -> None:

@@ -130,7 +130,7 @@ def _codecode_step(logits: Array, rng: Array, settings: Settings):
         candidates &= ref_log_probs >= kth
     restricted = jnp.where(candidates, base_logits, -jnp.inf)
     tokens = choose(restricted, rng, settings)
-    pick = lambda table, ids: jnp.take_along_axis(table, ids[:, None], -1)[:, 0]  # noqa: E731
+    pick = lambda table, ids: jnp.take_along_axis(table, ids[:, None], -1)[:, 0]
     base_choice = jnp.argmax(base_log_probs, -1)
     records = {"logprob": pick(ref_log_probs, tokens), "base_logprob": pick(base_log_probs, tokens),
                "base_top1": jnp.exp(jnp.max(base_log_probs, -1)),
@@ -356,7 +356,8 @@ def _idle_state(cfg, step_kind, settings, examples: int, pairs: int, cache_lengt
 
     if mesh is None:
         return build(rng)
-    return jax.jit(build, out_shardings=decode_state_shardings(mesh, jax.eval_shape(build, rng)))(rng)
+    shardings = decode_state_shardings(mesh, jax.eval_shape(build, rng))
+    return jax.jit(build, out_shardings=shardings)(rng)
 
 
 def decode_state_shardings(mesh, state: dict) -> dict:

@@ -154,7 +154,7 @@ def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Sig
 def _selection_metrics(config, signals: selection.Signals, weights: Array) -> dict[str, Array]:
     mask = signals.loss_mask
     responses = jnp.maximum(jnp.sum(mask), 1)
-    fraction = lambda m: jnp.sum(m & mask) / responses  # noqa: E731
+    fraction = lambda m: jnp.sum(m & mask) / responses
     metrics = {"kept_ratio": fraction(weights > 0), "response_tokens": jnp.sum(mask)}
     if signals.base_logprob is not None:
         metrics["high_ppl_10"] = fraction(signals.base_logprob < jnp.log(0.1))
@@ -301,7 +301,7 @@ class StepSetup:
 
     def abstract_inputs(self, batch_size: int, seq_len: int):
         """ShapeDtypeStructs (with shardings) of the train step's (state, base, batch)."""
-        with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
         trainable = self.trainable_shapes()
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                            opt_state=jax.eval_shape(self.optimizer.init, trainable),
@@ -316,7 +316,7 @@ class StepSetup:
     def weight_bytes(self) -> int:
         """Bytes of the trainable params, optimizer state and frozen base params, all devices
         together (what stays in memory between steps, activations aside)."""
-        size = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize  # noqa: E731
+        size = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize
                                 for x in jax.tree.leaves(tree))
         trainable = self.trainable_shapes()
         base = model.param_shapes(self.base) if self.base_shardings is not None else {}
@@ -408,7 +408,7 @@ def _train_step(run: StepSetup) -> Callable:
         # A non-finite loss or gradient skips the update: the state (and so every checkpoint)
         # stays the last finite one while the host, which sees the flag a step later, stops.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(finite, new, old)
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
 

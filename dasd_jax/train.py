@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import (checkpoint, cli, data, fit_check, hf, host_memory, loading, metrics, model,
-                      run_config, sampling, sharding, signals, step)
+from dasd_jax import (checkpoint, cli, data, hf, loading, metrics, model, run_config, sampling,
+                      sharding, signals, stages, step)
 from dasd_jax.errors import TrainingDiverged
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
@@ -51,8 +51,9 @@ def load_examples(config: Any, tokenizer, *, evaluation: bool, stop_ids=()):
         if not evaluation:
             data.check_cached_base_signals(examples)
         elif not data.has_values(examples, *signals.BASE):
-            absl_logging.warning("evaluation skipped: --config.data.eval_path records lack the base "
-                                 "signals that --config.train.base_confidence=cached reads")
+            absl_logging.warning("evaluation skipped: --config.data.eval_path records lack the "
+                                 "base signals that --config.train.base_confidence=cached "
+                                 "reads")
             return None
     return examples
 
@@ -117,12 +118,9 @@ def held_out_loss(config, run: step.StepSetup, state, base_params, examples) -> 
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
-@host_memory.released
+@stages.stage("train")
 def train(config: Any) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics."""
-    config = run_config.resolve(config, "train")
-    if config.dry_run:
-        return fit_check.check(config)
     mesh = sharding.make_mesh(config.mesh.shape)
     workdir = Path(config.workdir)
     primary = jax.process_index() == 0
@@ -163,7 +161,8 @@ def train(config: Any) -> dict[str, float]:
             state, step_metrics = run.train_step(state, base_params, run.place(batch))
             done = current + 1
             log_now = done % config.train.log_every == 0 or done == config.train.steps
-            eval_now = evaluating and config.train.eval_every and done % config.train.eval_every == 0
+            eval_now = (evaluating and config.train.eval_every
+                        and done % config.train.eval_every == 0)
             guard.after_step(done, step_metrics, now=(
                 log_now or eval_now or done % config.checkpoint.every == 0))
             window.add(step_metrics, batch["tokens"].shape, first_of_run=current == start,

@@ -18,7 +18,7 @@ def test_the_default_tokenizer_has_one_token_per_character():
     assert pieces(tokenizer, "add 12.") == list("add 12.")
 
 
-def test_synthetic_world_words_and_numbers_are_single_tokens_and_other_text_falls_back_to_characters():
+def test_synthetic_world_words_and_numbers_are_single_tokens_and_other_text_is_characters():
     tokenizer = char_tokenizer.build(words=synthetic.vocabulary_words(), numbers=True)
     assert pieces(tokenizer, "Adding 7 to 86 gives 93.") == [
         "Adding", " 7", " to", " 86", " gives", " 93", "."]

@@ -117,11 +117,13 @@ def test_recorded_logprobs_sit_at_the_position_that_predicts_their_token(tokeniz
 
 def test_the_veto_signals_sit_with_the_others_and_fallback_lines_are_marked(tokenizer):
     records = [{"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "reference",
-                "reference": "ab", "ref_logprob_base_choice": [-2.0, -0.5], "ref_top1": [-0.1, -0.2]},
+                "reference": "ab", "ref_logprob_base_choice": [-2.0, -0.5],
+                "ref_top1": [-0.1, -0.2]},
                {"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "rewrite"}]
     (fallback, rewritten), _ = data.tokenize(records, tokenizer, data_config())
     start = fallback.prompt_length - 1
-    np.testing.assert_allclose(fallback.signals["ref_logprob_base_choice"][start:start + 2], [-2.0, -0.5])
+    np.testing.assert_allclose(fallback.signals["ref_logprob_base_choice"][start:start + 2],
+                               [-2.0, -0.5])
     np.testing.assert_allclose(fallback.signals["ref_top1"][start:start + 2], [-0.1, -0.2])
     assert fallback.fallback.tolist() == fallback.loss_mask.tolist()
     assert not rewritten.fallback.any() and np.isnan(rewritten.signals["ref_top1"]).all()
@@ -208,7 +210,7 @@ def test_reference_target_ignores_the_ids_and_values_a_rewrite_recorded(tokenize
                 "base_logprob": [-2.0] * len(response_ids)}]
     (example,), _ = data.tokenize(records, tokenizer, data_config(target="reference"))
     assert tokenizer.decode(masked_targets(example)) == "ref</s>"
-    assert np.isnan(example.signals["ref_logprob"]).all() and np.isnan(example.signals["base_logprob"]).all()
+    assert all(np.isnan(example.signals[name]).all() for name in ("ref_logprob", "base_logprob"))
     (example,), _ = data.tokenize(records, tokenizer, data_config(target="response"))
     assert list(masked_targets(example)) == response_ids
 
@@ -427,4 +429,5 @@ def test_length_grouping_visits_each_example_once_per_epoch_in_batches_of_simila
                            group_by_length=8, state={"epoch": 0, "index": 12})
     np.testing.assert_array_equal(next(resumed)["tokens"], epoch[3]["tokens"])
     with pytest.raises(UserError, match="group_by_length 0: must be at least 1"):
-        data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0, group_by_length=0)
+        data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0,
+                     group_by_length=0)

@@ -127,7 +127,8 @@ def test_a_run_that_does_not_fit_exits_3_with_one_line_naming_target_shortfall_a
 
 
 def test_a_target_name_the_compilers_do_not_know_lists_the_accepted_names():
-    with pytest.raises(UserError, match=r"--config.compile_for='tpu-v9' is not a target name; accepted: v4:AxBxC"):
+    with pytest.raises(UserError, match=r"--config.compile_for='tpu-v9' is not a target name; "
+                                        r"accepted: v4:AxBxC"):
         targets.resolve("tpu-v9")
     with pytest.raises(UserError, match=r"give 1 to 8 GPUs, or a multiple of 8"):
         targets.resolve("h100x12")

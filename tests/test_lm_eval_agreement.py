@@ -18,13 +18,13 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import evaluate, hf  # noqa: E402
-from dasd_jax.tasks import commonsense  # noqa: E402
-from dasd_jax.tools import smollm2  # noqa: E402
+from configs import math as math_config
+from dasd_jax import evaluate, hf
+from dasd_jax.tasks import commonsense
+from dasd_jax.tools import smollm2
 
 CHECKPOINT = Path(os.environ.get("DASD_JAX_SMOLLM2", smollm2.DEFAULT_OUT)).expanduser()
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

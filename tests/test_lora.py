@@ -210,7 +210,7 @@ def test_the_lora_base_is_the_loaded_weights_not_a_copy(step_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = jax.device_put(step_params, sharding.param_shardings(STEP_CFG, mesh))
     base = step.setup(lora_config(), STEP_CFG, mesh).base_params(params)
-    kernel = lambda tree: tree["layers"]["mlp"]["up_proj"]["kernel"]  # noqa: E731
+    kernel = lambda tree: tree["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel(base).unsafe_buffer_pointer() == kernel(params).unsafe_buffer_pointer()
 
 

@@ -1,4 +1,5 @@
-"""Two processes × 4 CPU devices (jax.distributed on localhost) compute what one process × 8 does."""
+"""Two processes × 4 CPU devices (jax.distributed on localhost) compute what one process × 8
+does."""
 
 import json
 import socket
@@ -20,7 +21,8 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ["--config.rewrite.generated_examples=8", "--config.rewrite.batch_size=8",
             "--config.rewrite.max_new_tokens=12", "--config.data.path={workdir}/rewrites.jsonl",
-            "--config.data.target=response", "--config.train.steps=6", "--config.train.warmup_steps=1",
+            "--config.data.target=response", "--config.train.steps=6",
+            "--config.train.warmup_steps=1",
             "--config.train.batch_size=8", "--config.train.log_every=1",
             "--config.checkpoint.every=3", "--config.metrics.tensorboard=False",
             "--config.data.eval_path="]

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(workdir, **rewrite_settings):
     config = math_config.get_config("tiny")
     config.workdir = str(workdir)
-    config.rewrite.update(generated_examples=12, batch_size=4, max_new_tokens=24, **rewrite_settings)
+    config.rewrite.update(generated_examples=12, batch_size=4, max_new_tokens=24,
+                          **rewrite_settings)
     return config
 
 
@@ -67,11 +68,14 @@ def test_kept_rewrites_carry_the_decoder_signals_aligned_to_their_tokens(tmp_pat
     assert summary["kept"] == summary["records"] == 12 and summary["acceptance_rate"] == 1.0
     assert 1 <= summary["mean_n_candidates"] <= 4 and summary["kept_high_ppl_10"] is not None
 
-    cfg, params, tokenizer = loading.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    one_device = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg, params, tokenizer = loading.load_model(config, one_device)
     for line in read_lines(tmp_path / "rewrites.jsonl")[:3]:
-        assert line["source"] == "rewrite" and len(line["n_candidates"]) == len(line["response_ids"])
+        assert line["source"] == "rewrite"
+        assert len(line["n_candidates"]) == len(line["response_ids"])
         assert line["response"] == tokenizer.decode(
-            [t for t in line["response_ids"] if t not in cfg.eos_token_ids], skip_special_tokens=True)
+            [t for t in line["response_ids"] if t not in cfg.eos_token_ids],
+            skip_special_tokens=True)
         base_prompt = data.prompt_tokens(line["prompt"], tokenizer, config.data)
         reference_prompt = data.prompt_tokens(answers.REWRITE_TEMPLATES["synthetic"].format(
             prompt=line["prompt"], reference=line["reference"]), tokenizer, config.data)
@@ -88,7 +92,8 @@ def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path,
     monkeypatch.setattr(rewrite, "_judge", lambda *args: None)
     config = tiny_config(tmp_path, mode="sdft", limit=4)
     rewrite.rewrite(config)
-    cfg, params, tokenizer = loading.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    one_device = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg, params, tokenizer = loading.load_model(config, one_device)
     for line in read_lines(tmp_path / "rewrites.jsonl"):
         assert line["source"] == "rewrite" and line["n_candidates"] is None
         base_prompt = data.prompt_tokens(line["prompt"], tokenizer, config.data)
@@ -96,7 +101,8 @@ def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path,
             prompt=line["prompt"], reference=line["reference"]), tokenizer, config.data)
         ids = line["response_ids"]
         base = jax.nn.log_softmax(model.forward(cfg, params, np.asarray([base_prompt + ids]))[0])
-        ref = jax.nn.log_softmax(model.forward(cfg, params, np.asarray([reference_prompt + ids]))[0])
+        ref = jax.nn.log_softmax(model.forward(cfg, params,
+                                               np.asarray([reference_prompt + ids]))[0])
         for t in range(len(ids)):
             choice = int(np.argmax(base[len(base_prompt) - 1 + t]))
             position = len(reference_prompt) - 1 + t

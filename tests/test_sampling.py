@@ -1,4 +1,5 @@
-"""KV-cache decoding equals transformers' generate, batching changes nothing, co-decoding's limits."""
+"""KV-cache decoding equals transformers' generate, batching changes nothing, co-decoding's
+limits."""
 
 import dataclasses
 
@@ -17,12 +18,14 @@ NEW = 20
 
 
 def prompts_for(seed=0):
-    return [list(map(int, tiny_models.random_tokens(1, n, seed=seed + n)[0])) for n in PROMPT_LENGTHS]
+    return [list(map(int, tiny_models.random_tokens(1, n, seed=seed + n)[0]))
+            for n in PROMPT_LENGTHS]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(tiny_models.VARIANTS))
-def test_greedy_decoding_of_a_mixed_length_batch_equals_transformers_generate(variant, checkpoint_dir):
+def test_greedy_decoding_of_a_mixed_length_batch_equals_transformers_generate(
+        variant, checkpoint_dir):
     directory = checkpoint_dir(variant)
     cfg, params = hf.load(directory)
     prompts = prompts_for()
@@ -62,7 +65,8 @@ def test_recorded_logprobs_equal_a_teacher_forced_forward(qwen3):
         sequence = jnp.asarray([prompt + result.tokens])
         log_probs = jax.nn.log_softmax(jax.jit(model.forward, static_argnums=0)(
             cfg, params, sequence)[0], -1)
-        forced = [float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(result.tokens)]
+        forced = [float(log_probs[len(prompt) - 1 + i, token])
+                  for i, token in enumerate(result.tokens)]
         np.testing.assert_allclose(result.logprobs, forced, atol=1e-4)
 
 
@@ -96,7 +100,7 @@ def test_sampling_is_reproducible_and_respects_top_k(qwen3):
 
 def test_filters_keep_the_tokens_they_should():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda **kw: np.isfinite(sampling.filter_logits(logits, sampling.Settings(  # noqa: E731
+    kept = lambda **kw: np.isfinite(sampling.filter_logits(logits, sampling.Settings(
         temperature=1.0, **kw)))[0].tolist()
     assert kept(top_k=2) == [True, True, False, False]
     assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
@@ -148,7 +152,8 @@ def test_codecoding_records_the_signals_training_reads(qwen3):
         (ref_stats,) = sampling.score_stats(cfg, params, [reference], [result.tokens],
                                             ("top1_logprob", "query_logprob"),
                                             queries=[base_stats["argmax"]])
-        np.testing.assert_allclose(result.signals["ref_logprob_base_choice"], ref_stats["query_logprob"],
+        np.testing.assert_allclose(result.signals["ref_logprob_base_choice"],
+                                   ref_stats["query_logprob"],
                                    atol=1e-4)
         np.testing.assert_allclose(result.signals["ref_top1"], ref_stats["top1_logprob"], atol=1e-4)
 
@@ -166,10 +171,11 @@ def test_the_veto_ratio_r_matches_a_hand_computation_from_both_contexts(qwen3):
         base_probs = jax.nn.softmax(forward(cfg, params, jnp.asarray([base + context]))[0, -1])
         ref_probs = jax.nn.softmax(forward(cfg, params, jnp.asarray([reference + context]))[0, -1])
         by_hand = float(ref_probs[int(jnp.argmax(base_probs))] / jnp.max(ref_probs))
-        recorded = float(np.exp(result.signals["ref_logprob_base_choice"][t] - result.signals["ref_top1"][t]))
+        recorded = float(np.exp(result.signals["ref_logprob_base_choice"][t]
+                                - result.signals["ref_top1"][t]))
         assert recorded == pytest.approx(by_hand, rel=1e-3, abs=1e-6)
         assert (by_hand < 0.2) == (int(jnp.argmax(base_probs)) != result.tokens[t]) or \
-            result.signals["n_candidates"][t] == 8  # r < alpha: the base's choice was not a candidate
+            result.signals["n_candidates"][t] == 8  # r < alpha: the base's choice no candidate
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def test_pass_at_k_is_stable_for_many_samples_and_rejects_k_above_n():
 def test_a_pair_is_split_where_the_contexts_own_encoding_ends_and_its_spaces_move_on():
     tokenizer = char_tokenizer.build()
     context, continuation = scoring.encode_pair(tokenizer, "Answer: ", "no")
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     assert context == ids("Answer:") and continuation == ids(" no")
     assert scoring.encode_pair(tokenizer, "Answer:", " no", "always")[0][0] == \
         tokenizer.bos_token_id

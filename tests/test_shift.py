@@ -26,7 +26,7 @@ def test_the_chunked_shift_equals_a_hand_computation():
     found = losses.distribution_shift(base_h, base_k, tuned_h, tuned_k, targets, chunk=3)
     p = softmax_log(np.einsum("btd,dv->btv", base_h, base_k))
     q = softmax_log(np.einsum("btd,dv->btv", tuned_h, tuned_k))
-    picked = lambda table: np.take_along_axis(table, np.asarray(targets)[..., None], -1)[..., 0]  # noqa: E731
+    picked = lambda table: np.take_along_axis(table, np.asarray(targets)[..., None], -1)[..., 0]
     np.testing.assert_allclose(found["kl"], (np.exp(p) * (p - q)).sum(-1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(found["logprob_base"], picked(p), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(found["logprob_tuned"], picked(q), rtol=1e-5, atol=1e-6)

@@ -28,10 +28,12 @@ def make_batch(seed=0):
     prompt = rng.integers(3, 10, (BATCH, 1))
     length = rng.integers(15, LENGTH, (BATCH, 1))
     position = np.arange(LENGTH)[None]
-    ref = np.where(rng.uniform(size=(BATCH, LENGTH)) < 0.5, np.log(rng.uniform(size=(BATCH, LENGTH))), np.nan)
+    recorded = rng.uniform(size=(BATCH, LENGTH)) < 0.5
+    ref = np.where(recorded, np.log(rng.uniform(size=(BATCH, LENGTH))), np.nan)
     batch.update(loss_mask=(position >= prompt) & (position < length - 1),
                  ref_logprob=ref.astype(np.float32),
-                 ref_logprob_base_choice=(ref - rng.uniform(0, 3, (BATCH, LENGTH))).astype(np.float32),
+                 ref_logprob_base_choice=(ref - rng.uniform(0, 3, (BATCH, LENGTH))
+                                          ).astype(np.float32),
                  structural=(position == length - 2) & np.ones((BATCH, 1), bool))
     return batch
 

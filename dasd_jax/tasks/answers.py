@@ -64,7 +64,8 @@ def answers_match(task: str, response: str, reference: str) -> bool:
         expected = final_choice(reference)
         return expected is not None and final_choice(response) == expected
     if task == "code":
-        wanted, found = _defined_functions(program(reference)), _defined_functions(program(response))
+        wanted = _defined_functions(program(reference))
+        found = _defined_functions(program(response))
         return wanted is not None and found is not None and wanted <= found
     raise ValueError(f"unknown task family {task!r}; choose from {', '.join(FAMILIES)}")
 
