@@ -130,8 +130,9 @@ def programs(config: Any, cfg: model.ModelConfig, mesh, run: step.StepSetup,
                                                      kind, mesh).items():
             yield _compile("rewrite", f"{label} {part} ({rewrite.batch_size} examples)", lowered)
         length = max(rewrite.prompt_buckets) + config.data.max_seq_len
-        yield _compile("rewrite", f"teacher-forced scoring ({rewrite.batch_size} x {length})",
-                       sampling.lower_scoring(cfg, params, rewrite.batch_size, length,
+        rows = sampling.scoring_rows(rewrite.batch_size, length)
+        yield _compile("rewrite", f"teacher-forced scoring ({rows} x {length})",
+                       sampling.lower_scoring(cfg, params, rows, length,
                                               ("logprob", "top1", "argmax"), mesh))
         settings = sampling.Settings(max_new_tokens=evaluate.max_new_tokens, eos_ids=eos,
                                      prompt_buckets=tuple(evaluate.prompt_buckets))

@@ -239,10 +239,11 @@ def teacher_forced_signals(config, cfg, params, lines: list[dict], prompts: list
     record) from teacher-forced passes over its response_ids: first in the base context
     (`prompts[i]["base_prompt"]`: log π0, max π0, and v0 = argmax π0, what the base would have
     written), then in the answer-aware one (`reference_prompt`, if any: log πref, log πref(v0),
-    log max πref). Passes of rewrite.batch_size rows, one compile per length bucket."""
+    log max πref). Passes of rewrite.batch_size rows, fewer where the longest bucket would make
+    a pass hold more than sampling.SCORE_TOKENS tokens; one compile per length bucket."""
     buckets = sorted({b + config.data.max_seq_len for b in config.rewrite.prompt_buckets})
-    score = functools.partial(sampling.score_stats, cfg, params, buckets=buckets,
-                              batch_size=config.rewrite.batch_size)
+    rows = sampling.scoring_rows(config.rewrite.batch_size, max(buckets))
+    score = functools.partial(sampling.score_stats, cfg, params, buckets=buckets, batch_size=rows)
     base_rows = [i for i, line in enumerate(lines) if line["base_logprobs"] is None
                  or line["ref_logprob_base_choice"] is None]
     choices = {}

@@ -508,6 +508,22 @@ def score_stats(cfg: model.ModelConfig, params, contexts: Sequence[Sequence[int]
     return out
 
 
+# Positions a scoring pass projects onto the vocabulary at a time: its float32 logits are rows x
+# SCORE_CHUNK x V (32 x 128 x 49152 for SmolLM2: 0.8 GB; at 512 the rewrite's scoring pass of 32
+# x 1280 tokens compiled to 6.0 GiB of temporaries on a CPU).
+SCORE_CHUNK = 128
+# Tokens a scoring pass holds at most where its caller chooses the rows (the rewrite's
+# teacher-forced signals): XLA's attention keeps rows x heads x T x T float32 scores, 1.9 GB for
+# SmolLM2's 32 x 1280-token pass, 0.7 GB for 12 rows.
+SCORE_TOKENS = 16384
+
+
+def scoring_rows(batch_size: int, length: int) -> int:
+    """Rows of a scoring pass of `length`-token sequences: batch_size, fewer where that would
+    hold more than SCORE_TOKENS tokens."""
+    return max(1, min(batch_size, SCORE_TOKENS // length))
+
+
 def _score_chunk(cfg, params, contexts, continuations, queries, stats, buckets):
     sequences = [list(c) + list(r) for c, r in zip(contexts, continuations)]
     length = prompt_bucket(max(map(len, sequences)), buckets)
@@ -532,4 +548,4 @@ def _score(cfg, params, tokens, queries, stats):
     hidden = model.hidden_states(cfg, params, tokens)
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     return losses.token_stats(hidden, model.output_embedding(cfg, params), targets,
-                              stats=stats, queries=queries)
+                              chunk=SCORE_CHUNK, stats=stats, queries=queries)

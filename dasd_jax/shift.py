@@ -127,7 +127,7 @@ def per_prompt(config: Any, base: tuple, tuned: tuple, answered: list[dict]) -> 
         length = sampling.prompt_bucket(max(map(len, sequences)), buckets)
         tokens, _ = sampling.right_pad(sequences + [sequences[0]] * (size - len(rows)), length)
         found = sharding.to_host(_token_shift(base[0], base[1], tuned[0], tuned[1], tokens,
-                                              config.train.loss_chunk))
+                                              sampling.SCORE_CHUNK))
         for index, row in enumerate(rows):
             span = slice(len(row["prompt_ids"]) - 1,
                          len(row["prompt_ids"]) - 1 + len(row["answer_ids"]))
