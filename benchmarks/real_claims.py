@@ -59,7 +59,7 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from configs import math as math_config
-from dasd_jax import analyze, evaluate, rewrite, train
+from dasd_jax import analyze, evaluate, rewrite, rewrite_file, train
 from dasd_jax.pipeline import stage_config, training_means
 from dasd_jax.tasks import commonsense
 
@@ -153,7 +153,7 @@ def rewrites(config, workdir: Path, resume: bool) -> tuple[dict, dict, dict]:
     files, table, timings = {}, {}, {}
     for mode in ("sdft", "dasd"):
         files[mode] = workdir / f"rewrites_{mode}.jsonl"
-        finished = rewrite.summary_path(files[mode])
+        finished = rewrite_file.summary_path(files[mode])
         started = time.perf_counter()
         if resume and finished.is_file():
             summary = json.loads(finished.read_text())

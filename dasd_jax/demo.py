@@ -108,7 +108,7 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     """Runs the demo; returns the results table as a dict and prints it. `extra_methods`
     ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations.
     Each method's kept ratio and token composition are the means over its training run."""
-    validation.validate(config)  # each stage below finalizes its own copy (its own {workdir})
+    validation.validate(config)  # each stage below resolves its own copy (its own {workdir})
     methods = {**chosen_methods(config), **(extra_methods or {})}
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
