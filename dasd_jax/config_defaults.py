@@ -216,6 +216,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()  # Orbax checkpoints and the HF export
     config.checkpoint.every = 100  # steps between checkpoints (and a save on SIGTERM/SIGINT)
     config.checkpoint.max_to_keep = 3  # the newest checkpoints kept
+    # 0: resume from the newest checkpoint that restores (damaged ones are set aside); N: from
+    # step N (newer checkpoints are set aside as superseded)
+    config.checkpoint.resume_step = 0
     config.checkpoint.async_save = True  # save in the background while training goes on
     config.checkpoint.export = True  # write {workdir}/hf, an HF checkpoint, at the end
     config.checkpoint.export_dtype = "bfloat16"  # dtype of the exported HF weights

@@ -135,10 +135,16 @@ class OutputFile:
         if not records:
             return
         text = "".join(json.dumps(record) + "\n" for record in records)
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
+        before = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError:
+            with open(self.path, "r+b") as file:  # whole lines only: drop what part got written
+                file.truncate(before)
+            raise
         self.done_ids.update(record["id"] for record in records)
 
 

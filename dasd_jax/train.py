@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import (checkpoint, cli, data, hf, loading, metrics, model, run_config, sampling,
-                      sharding, signals, stages, step)
+from dasd_jax import (checkpoint, cli, data, disk, hf, loading, metrics, model, run_config,
+                      sampling, sharding, signals, stages, step)
 from dasd_jax.errors import TrainingDiverged
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
@@ -138,8 +139,9 @@ def train(config: Any) -> dict[str, float]:
                                           async_save=config.checkpoint.async_save)
     data_state = None
     if checkpoints.latest_step() is not None:
-        state, data_state = checkpoints.restore(state)
-        absl_logging.warning("resumed from step %d", int(state.step))
+        state, data_state, restored = checkpoints.restore(
+            state, config.checkpoint.resume_step or None)
+        absl_logging.warning("resumed from step %d", restored)
     start = int(state.step)
     batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
                            pad_id=cfg.pad_token_id or 0, state=data_state,
@@ -204,7 +206,12 @@ def train(config: Any) -> dict[str, float]:
 def export(config: Any, trainee: model.ModelConfig, state: step.TrainState, base_params,
            tokenizer, workdir: Path) -> None:
     """`{workdir}/hf`, the trained model as an HF checkpoint (LoRA adapters merged in), and with
-    LoRA and `lora.export_adapters` also `{workdir}/adapters` in PEFT's layout."""
+    LoRA and `lora.export_adapters` also `{workdir}/adapters` in PEFT's layout. DiskFull, before
+    writing, when the disk lacks room for the weights."""
+    size = trainee.num_params * jnp.dtype(config.checkpoint.export_dtype).itemsize
+    if jax.process_index() == 0:
+        disk.require(workdir, size, "the HF export", "training ends at once from its final "
+                     "checkpoint and exports")
     if not step.uses_lora(config):
         hf.save(workdir / "hf", trainee, state.params, tokenizer=tokenizer,
                 dtype=config.checkpoint.export_dtype)

@@ -141,6 +141,7 @@ FIELDS: dict[str, Rule] = {
     "demo.finetune_examples": POSITIVE, "demo.finetune_steps": POSITIVE,
     "demo.finetune_learning_rate": above(0.0), "demo.eval_examples": POSITIVE,
     "checkpoint.every": POSITIVE, "checkpoint.max_to_keep": POSITIVE,
+    "checkpoint.resume_step": COUNT,
     "checkpoint.async_save": boolean, "checkpoint.export": boolean,
     "checkpoint.export_dtype": one_of(*DTYPES),
     "metrics.tensorboard": boolean, "metrics.progress_bar": boolean,

@@ -293,7 +293,7 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_merged_and_peft(tmp
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged), export)
 
     config.lora.rank = 0
-    with pytest.raises(UserError, match=r"does not fit this run's training state .*--config.lora"):
+    with pytest.raises(UserError, match=r"does not fit this run \(missing: .*--config.lora"):
         train.train(config)  # full fine-tuning cannot resume from adapters
 
 
