@@ -87,8 +87,9 @@ def replaced_fields(config: Any, fields: dict[str, Any]) -> ml_collections.Froze
 
 def mutable(config: Any) -> ml_collections.ConfigDict:
     """A mutable copy of a config or section, frozen or not (to build another config from)."""
-    return (config.as_configdict() if isinstance(config, ml_collections.FrozenConfigDict)
-            else config.copy_and_resolve_references())
+    if isinstance(config, ml_collections.FrozenConfigDict):
+        config = config.as_configdict()  # the frozen dict's own copy: never changed in place
+    return config.copy_and_resolve_references()
 
 
 def _resolve_paths(config: ml_collections.ConfigDict) -> None:

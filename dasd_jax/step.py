@@ -352,9 +352,11 @@ class StepSetup:
 
 def setup(config: Any, cfg: model.ModelConfig, mesh) -> StepSetup:
     """The StepSetup of a run: `cfg` is the loaded model's ModelConfig (as `hf.load` gives it);
-    `config` is resolved and frozen here unless it was (`run_config.resolve`), so the jitted
-    steps close over frozen values only."""
-    config = run_config.resolve(config)
+    `config` is resolved and frozen here (for `mesh`'s shape) unless it was
+    (`run_config.resolve`), so the jitted steps close over frozen values only."""
+    if not config.get(run_config.RESOLVED):
+        config = run_config.resolve(
+            run_config.replaced_fields(config, {"mesh.shape": tuple(mesh.devices.shape)}))
     trainee, base = trainee_config(config, cfg), frozen_base_config(config, cfg)
     rules = config.mesh.rules
     optimizer = make_optimizer(config.train)

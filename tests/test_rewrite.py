@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dasd_jax import data, model, rewrite, sampling, sharding, loading, train
+from dasd_jax import data, loading, model, rewrite, run_config, sampling, sharding, train
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers
 from configs import math as math_config
@@ -177,13 +177,12 @@ def test_auto_base_confidence_reads_the_signals_of_a_file_this_model_rewrote(tmp
     rewrite.rewrite(tiny_config(tmp_path, limit=4))
     config = math_config.get_config("tiny")
     config.workdir = str(tmp_path)
-    config.data.update(path=str(tmp_path / "rewrites.jsonl"), target="response")
+    config.data.update(path=str(tmp_path / "rewrites.jsonl"), eval_path="", target="response")
     assert config.train.base_confidence == "auto"
-    _, _, tokenizer = loading.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    examples = train.load_examples(config, tokenizer, evaluation=False)
-    assert train.resolve_base_confidence(config, examples, None).train.base_confidence == "cached"
+    resolved = lambda c: run_config.resolve(c, "train").train.base_confidence
+    assert resolved(config) == "cached"
     other = config.copy_and_resolve_references()
     other.seed = 1  # another random model: its signals would not be this one's
-    assert train.resolve_base_confidence(other, examples, None).train.base_confidence == "model"
+    assert resolved(other) == "model"
     config.data.target = "reference"
-    assert train.resolve_base_confidence(config, examples, None).train.base_confidence == "model"
+    assert resolved(config) == "model"

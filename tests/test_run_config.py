@@ -19,6 +19,7 @@ def test_every_stage_runs_on_a_frozen_config_it_never_changes(tmp_path):
     config.eval.update(limit=2, max_new_tokens=8, baseline="")
     config.analyze.update(limit=4, examples=2)
     frozen = run_config.resolve(config)
+    before = frozen.to_dict()
     with pytest.raises(AttributeError, match="immutable"):
         frozen.train.steps = 3
     assert rewrite.rewrite(frozen)["records"] == 4
@@ -26,6 +27,18 @@ def test_every_stage_runs_on_a_frozen_config_it_never_changes(tmp_path):
     assert "synthetic" in evaluate.evaluate(frozen)["tasks"]
     assert analyze.analyze(frozen)
     assert run_config.resolve(frozen) is frozen
+    assert frozen.to_dict() == before
+
+
+def test_a_copy_with_other_fields_leaves_the_frozen_original_as_it_was():
+    config = math_config.get_config("tiny")
+    config.workdir = "/tmp/unused"
+    frozen = run_config.resolve(config)
+    other = run_config.replaced_fields(frozen, {"eval.shift.limit": 5, "train.steps": 7})
+    assert (other.eval.shift.limit, other.train.steps) == (5, 7)
+    assert (frozen.eval.shift.limit, frozen.train.steps) == (config.eval.shift.limit,
+                                                            config.train.steps)
+    assert run_config.mutable(frozen).eval.shift.limit == config.eval.shift.limit
 
 
 def test_a_resolved_config_still_names_what_a_stage_lacks():

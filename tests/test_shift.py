@@ -99,8 +99,7 @@ def test_the_base_answers_are_cached_for_the_same_base_only(tiny, monkeypatch):
     assert shift.base_answers(config, cfg, params, tokenizer) == first and calls == []
     shift.base_answers(config, cfg, perturbed(params, scale=1e-3), tokenizer)
     assert calls == [1]  # another base: its own answers
-    other_prompts = config.copy_and_resolve_references()
-    other_prompts.eval.shift.limit = 5
+    other_prompts = run_config.replaced_fields(config, {"eval.shift.limit": 5})
     assert len(shift.base_answers(other_prompts, cfg, params, tokenizer)) == 5
     assert calls == [1, 1]
     assert len(list(Path(config.eval.shift.cache).glob("base_answers_*.jsonl"))) == 3
@@ -108,7 +107,7 @@ def test_the_base_answers_are_cached_for_the_same_base_only(tiny, monkeypatch):
 
 @pytest.mark.slow
 def test_evaluate_writes_the_shift_beside_the_accuracies(tiny):
-    config = tiny[0].copy_and_resolve_references()
+    config = run_config.mutable(tiny[0])
     config.eval.update(tasks="synthetic", checkpoint="base", baseline="", limit=2,
                        max_new_tokens=8)
     summary = evaluate.evaluate(config)
