@@ -27,7 +27,6 @@ import gzip
 import json
 import re
 import secrets
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -146,21 +145,10 @@ def solution_source(item: dict, completion: str, family: str) -> str:
     raise UserError(f"unknown code task family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def _parse(source: str) -> ast.Module | None:
-    """The syntax tree of benchmark code, None if it does not parse (its escape-sequence
-    warnings silenced: they are the benchmark's, not the user's)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return ast.parse(source)
-        except SyntaxError:
-            return None
-
-
 def _top_level_bindings(source: str) -> dict[str, str | None]:
     """Names a module binds at its top level: {name: "module" or "module:attribute" for imports,
     None for defs, classes and assignments}."""
-    tree = _parse(source)
+    tree = answers.parse_python(source)
     if tree is None:
         return {}
     bound: dict[str, str | None] = {}
@@ -187,7 +175,8 @@ def _top_level_bindings(source: str) -> dict[str, str | None]:
 
 def _names_used(sources) -> set[str]:
     used = set()
-    for tree in filter(None, map(_parse, sources)):  # a test's syntax error: the harness says
+    # a test with a syntax error is skipped here: the harness reports it
+    for tree in filter(None, map(answers.parse_python, sources)):
         used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     return used
 
