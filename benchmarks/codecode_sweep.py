@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import rewrite  # noqa: E402
-from dasd_jax.pipeline import stage_config  # noqa: E402
+from configs import math as math_config
+from dasd_jax import rewrite
+from dasd_jax.pipeline import stage_config
 
 NUMBERS = {"alpha": float, "candidate_top_k": int, "max_new_tokens": int, "sure_reference": float}
 
@@ -67,7 +67,7 @@ def main() -> None:
     print("| setting | kept | fallbacks | mean candidates | PPL>10 of kept | PPL>100 | time |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        shown = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
+        shown = lambda v: "" if v is None else f"{v:.1%}"
         candidates = "" if r["mean_n_candidates"] is None else f"{r['mean_n_candidates']:.2f}"
         print(f"| {r['setting']} | {r['kept']}/{r['records']} | {r['fallback_reasons']} | "
               f"{candidates} | {shown(r['kept_high_ppl_10'])} | {shown(r['kept_high_ppl_100'])} "

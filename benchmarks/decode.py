@@ -58,7 +58,8 @@ def main() -> None:
         start = time.perf_counter()
         sampling.generate(cfg, params, prompts, settings)
         seconds = time.perf_counter() - start
-        per_token_kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+        per_token_kv = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                        * jnp.dtype(cfg.dtype).itemsize)
         mean_context = args.prompt_len + args.new_tokens / 2
         step_bytes = weight_bytes + batch * mean_context * per_token_kv
         roofline_step = step_bytes / bandwidth

@@ -123,8 +123,9 @@ def components(summary: dict) -> list[str]:
                         ("choice of tokens (vs random, same count)", "DASD", "random")):
         hard, hard_counts = _ahead(results, a, b, "hard")
         easy, easy_counts = _ahead(results, a, b, "easy")
-        lines.append(f"* {label}: {a} − {b}: hard {hard:+.1%}{'' if hard_counts else ' (within noise)'}"
-                     f", easy {easy:+.1%}{'' if easy_counts else ' (within noise)'}")
+        noise = lambda counts: "" if counts else " (within noise)"
+        lines.append(f"* {label}: {a} − {b}: hard {hard:+.1%}{noise(hard_counts)}"
+                     f", easy {easy:+.1%}{noise(easy_counts)}")
     return lines
 
 
@@ -143,7 +144,7 @@ def verdicts(summary: dict) -> list[tuple[str, bool, str]]:
                 f"sdft rewrites: high-PPL {sdft_ppl:.1%} (need >= 5%), corrections "
                 f"{correction:.1%} and drift {drift:.1%} of tokens (need >= 1% each)"))
 
-    share = lambda m: results[m]["kept_high_ppl"][0] / results[m]["kept_ratio"][0]  # noqa: E731
+    share = lambda m: results[m]["kept_high_ppl"][0] / results[m]["kept_ratio"][0]
     out.append(("(b) DASD reduces high-PPL tokens", share("DASD") < share("SDFT"),
                 f"high-PPL share of trained tokens: DASD {share('DASD'):.1%} vs SDFT "
                 f"{share('SDFT'):.1%}, SFT {share('SFT'):.1%}"))
@@ -168,10 +169,12 @@ def verdicts(summary: dict) -> list[tuple[str, bool, str]]:
 
 def markdown(summary: dict, seeds: list[int]) -> str:
     rows = [f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds.", "",
-            "| model | hard acc | easy acc | kept ratio | high-PPL share of kept | unfinished (hard / easy) |",
+            "| model | hard acc | easy acc | kept ratio | high-PPL share of kept "
+            "| unfinished (hard / easy) |",
             "|---|---|---|---|---|---|"]
     for method, m in summary["results"].items():
-        kept = "" if "kept_ratio" not in m else f"{m['kept_ratio'][0]:.3f} ± {m['kept_ratio'][1]:.3f}"
+        kept = ("" if "kept_ratio" not in m
+                else f"{m['kept_ratio'][0]:.3f} ± {m['kept_ratio'][1]:.3f}")
         share = ("" if "kept_high_ppl" not in m or not m.get("kept_ratio", (0,))[0] else
                  f"{m['kept_high_ppl'][0] / m['kept_ratio'][0]:.1%}")
         unfinished = (f"{m['hard_unfinished'][0]:.1%} / {m['easy_unfinished'][0]:.1%}"

@@ -35,8 +35,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import fit_check, stages, step, targets  # noqa: E402
+from configs import math as math_config
+from dasd_jax import fit_check, run_config, targets
 
 MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b")
 TARGETS = ("v5e:2x4", "v5e:4x4", "v5p:2x2x2", "v6e:2x4", "h100x8", "h200x8")
@@ -66,7 +66,7 @@ def configure(model: str, target: str, method: str, devices: int):
         config.selection.rule, config.data.target = "all", "reference"
     if method == "dasd_lora16":
         config.lora.rank = 16
-    return step.with_rho(stages.finalize(config))
+    return run_config.resolve(config)
 
 
 def measure(model: str, target: str, method: str, train_only: bool = False) -> dict:

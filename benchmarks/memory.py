@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import evaluate, fit_check, rewrite, step, stages, train  # noqa: E402
-from dasd_jax.pipeline import stage_config  # noqa: E402
+from configs import math as math_config
+from dasd_jax import evaluate, fit_check, rewrite, rewrite_file, run_config, train
+from dasd_jax.pipeline import stage_config
 
 MIB = 2 ** 20
 
@@ -89,7 +89,7 @@ def stage_runs(config, workdir: Path, repeat: int) -> dict:
 
     def rewriting():
         output = workdir / f"rewrites{repeat}.jsonl"
-        for path in (output, rewrite.meta_path(output), rewrite.summary_path(output)):
+        for path in (output, rewrite_file.meta_path(output), rewrite_file.summary_path(output)):
             path.unlink(missing_ok=True)
         rewrite.rewrite(stage_config(config, workdir, rewrite=dict(
             input=str(DATA / "gsm8k" / "train.jsonl"), limit=8, output=str(output))))
@@ -106,7 +106,7 @@ def compiled_train_peak(config) -> float:
     """The fit check's compiled peak of the train step on this machine, in MiB."""
     checked = config.copy_and_resolve_references()
     checked.dry_run = True
-    report = fit_check.check(step.with_rho(stages.finalize(checked)))
+    report = fit_check.check(run_config.resolve(checked))
     return report["peak_gib_per_device"] * 1024
 
 

@@ -58,10 +58,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import analyze, evaluate, rewrite, train  # noqa: E402
-from dasd_jax.pipeline import stage_config, training_means  # noqa: E402
-from dasd_jax.tasks import commonsense  # noqa: E402
+from configs import math as math_config
+from dasd_jax import analyze, evaluate, rewrite, rewrite_file, train
+from dasd_jax.pipeline import stage_config, training_means
+from dasd_jax.tasks import commonsense
 
 COMMONSENSE = ("arc_easy", "arc_challenge", "piqa", "boolq", "commonsenseqa")
 SHIFT_TASKS = ("humaneval", "mbpp", "arc_challenge", "math500")
@@ -153,7 +153,7 @@ def rewrites(config, workdir: Path, resume: bool) -> tuple[dict, dict, dict]:
     files, table, timings = {}, {}, {}
     for mode in ("sdft", "dasd"):
         files[mode] = workdir / f"rewrites_{mode}.jsonl"
-        finished = rewrite.summary_path(files[mode])
+        finished = rewrite_file.summary_path(files[mode])
         started = time.perf_counter()
         if resume and finished.is_file():
             summary = json.loads(finished.read_text())
@@ -286,8 +286,9 @@ def markdown(table: dict) -> str:
         group = [r for r in runs(table) if r["method"] == name]
         if not group:
             continue
-        mean = lambda key: statistics.fmean(r[key] for r in group)  # noqa: E731
-        spread = lambda key: statistics.stdev(r[key] for r in group) if len(group) > 1 else 0.0  # noqa: E731
+        mean = lambda key, group=group: statistics.fmean(r[key] for r in group)
+        spread = lambda key, group=group: (statistics.stdev(r[key] for r in group)
+                                           if len(group) > 1 else 0.0)
         cells = [f"{mean(c):.1%} ± {spread(c):.1%}" for c in columns]
         rows.append(f"| {name} ({len(group)} seeds) | " + " | ".join(cells)
                     + f" | {mean('kl'):.4f} ± {spread('kl'):.4f} | {mean('delta_nll'):+.3f} | "

@@ -5,9 +5,9 @@
         --compute_dtype=bfloat16 --remat_policy=dots_no_batch                      # GPU
     ... --lora_rank=16                                                             # LoRA
 
-Both steps are the real `step.make_train_step` (random params, random tokens with a 25% prompt);
-`dasd` adds the frozen base forward. Prints one JSON line per rule and the DASD/SFT time ratio.
-Record results in benchmarks/RESULTS.md with the date, device, jax version and command.
+Both steps are the real `step.setup(...).train_step` (random params, random tokens with a 25%
+prompt); `dasd` adds the frozen base forward. Prints one JSON line per rule and the DASD/SFT
+time ratio. Record results in benchmarks/RESULTS.md with the date, device, jax version and command.
 """
 
 from __future__ import annotations
@@ -17,29 +17,21 @@ import json
 import time
 
 import jax
-import numpy as np
 
-from dasd_jax import config_defaults, metrics, model, sharding, step
+from dasd_jax import config_defaults, metrics, model, run_config, sharding, signals, step
 from forward import SHAPES
 
 
 def make_batch(cfg: model.ModelConfig, batch: int, seq_len: int) -> dict:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
-    nan = np.full((batch, seq_len), np.nan, np.float32)
-    no = np.zeros((batch, seq_len), bool)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
-            "loss_mask": np.arange(seq_len)[None].repeat(batch, 0) >= seq_len // 4,
-            "fallback": no, "structural": no, "ref_logprob": nan, "base_logprob": nan,
-            "base_top1": nan, "ref_logprob_base_choice": nan, "ref_top1": nan}
+    """Random tokens with a 25% prompt; no recorded signal (`signals.example_batch`)."""
+    return signals.example_batch(batch, seq_len, vocab_size=cfg.vocab_size)
 
 
 def with_cached_base_signals(batch: dict) -> dict:
     """`batch` with finite base signals in place of NaN, as a rewrite records them for
     `train.base_confidence="cached"` (any finite values time the same)."""
     shape = batch["tokens"].shape
-    return {**batch, "base_logprob": np.full(shape, -1.0, np.float32),
-            "base_top1": np.full(shape, 0.5, np.float32)}
+    return {**batch, **signals.example_batch(*shape, base_logprob=-1.0, base_top1=0.5)}
 
 
 def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
@@ -51,7 +43,7 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
                         base_dtype=args.base_dtype)
     config.selection.rule = rule
     config.lora.rank = args.lora_rank
-    run = step.setup(config, cfg, mesh)
+    run = step.setup(run_config.resolve(config), cfg, mesh)
     state, base = run.init_state(params), run.base_params(params)
     train_step = run.train_step
     batch = run.place(make_batch(cfg, args.batch, args.seq_len))
@@ -72,7 +64,8 @@ def time_rule(rule: str, args, cfg: model.ModelConfig, params, mesh) -> dict:
     return {
         "rule": rule, "shape": args.shape, "params": cfg.num_params, "batch": args.batch,
         "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
-        "remat_policy": args.remat_policy, "lora_rank": args.lora_rank, "device": jax.devices()[0].device_kind,
+        "remat_policy": args.remat_policy, "lora_rank": args.lora_rank,
+        "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(), "jax": jax.__version__,
         "compile_s": round(compile_seconds, 2), "step_ms": round(seconds * 1e3, 2),
         "tokens_per_s": round(tokens / seconds),

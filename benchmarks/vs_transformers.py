@@ -120,7 +120,8 @@ def greedy(args, cfg, params, torch_model, tokenizer, prompts, batch: int) -> di
     prefixes = [next((i for i, (a, b) in enumerate(zip(r.tokens, e)) if a != b), len(e))
                 for r, e in zip(decoded, expected)]
     tokens = batch * args.new_tokens
-    return {"work": f"greedy decode, batch {batch}, {args.new_tokens} new", "dasd_jax": tokens / ours,
+    return {"work": f"greedy decode, batch {batch}, {args.new_tokens} new",
+            "dasd_jax": tokens / ours,
             "transformers": tokens / theirs, "unit": "tokens/s",
             "equal_rows": f"{sum(p == args.new_tokens for p in prefixes)}/{batch}",
             "mean_equal_prefix": float(np.mean(prefixes))}
@@ -185,7 +186,8 @@ def workload(args, cfg, params, torch_model, tokenizer, prompts) -> dict:
         ids, mask = padded_left(questions[start:start + size], tokenizer.pad_token_id or 0)
         with torch.no_grad():
             out = torch_model.generate(ids, attention_mask=mask, do_sample=False,
-                                       max_new_tokens=args.workload_tokens, eos_token_id=list(stops),
+                                       max_new_tokens=args.workload_tokens,
+                                       eos_token_id=list(stops),
                                        pad_token_id=tokenizer.pad_token_id)
         for row in out[:, ids.shape[1]:].tolist():
             ended = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)

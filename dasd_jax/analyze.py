@@ -27,9 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import atomic, data, host_memory, rewrite, sampling, selection, sharding, stages, step
+from dasd_jax import (atomic, cli, data, loading, rewrite_file, run_config, sampling, selection,
+                      sharding, signals, stages)
 from dasd_jax.errors import UserError
-from dasd_jax.rewrite import template
 
 THRESHOLDS = (10, 100)
 CATEGORIES = ("aligned", "correction", "drift", "structural")
@@ -38,7 +38,8 @@ CATEGORY_COLORS = {"aligned": "#d8f0d8", "correction": "#ffe08a", "drift": "#f6b
 
 
 def parse_sources(spec: str) -> list[tuple[str, str, str]]:
-    """"name=path[@target],..." -> [(name, path, target)]; target: response (default) | reference."""
+    """"name=path[@target],..." -> [(name, path, target)]; target: response (default) or
+    reference."""
     sources = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, rest = part.partition("=")
@@ -56,16 +57,13 @@ def parse_sources(spec: str) -> list[tuple[str, str, str]]:
     return sources
 
 
-SIGNALS = ("ref_logprobs", "base_logprobs", "base_top1", "ref_logprob_base_choice", "ref_top1")
-
-
 def token_signals(config, cfg, params, tokenizer, records: list[dict], target: str) -> list[dict]:
-    """Per record with a non-empty target: {"record", "ids" (the target's tokens), "fallback",
-    "structural" (bool per token: at or after the first stop token), and float32 arrays of
-    SIGNALS over the ids}: recorded values where a rewrite has them, else teacher-forced."""
-    data_config = config.data.copy_and_resolve_references()
-    data_config.target = target
-    prompt_template = template(config)
+    """Per record with a non-empty target: {"record", "response_ids" (the target's tokens),
+    "fallback", "structural" (bool per token: at or after the first stop token), and a float32
+    array of each trained signal over the ids}: recorded values where a rewrite has them, else
+    teacher-forced (`rewrite_file.fill_signals`)."""
+    data_config = run_config.replaced(config.data, target=target)
+    prompt_template = rewrite_file.template(config)
     stops = set(sampling.stop_ids(cfg, tokenizer))
     items, prompts = [], []
     for record in records:
@@ -77,7 +75,8 @@ def token_signals(config, cfg, params, tokenizer, records: list[dict], target: s
                data.response_tokens(record["prompt"], text, tokenizer, data_config))
         item = {"record": record, "response_ids": ids,
                 "fallback": target == "response" and record.get("source") == "reference"}
-        item.update({name: record.get(name) if use_recorded else None for name in SIGNALS})
+        item.update({name: record.get(name) if use_recorded else None
+                     for name in signals.TRAINED})
         first_stop = next((i for i, token in enumerate(ids) if token in stops), len(ids))
         item["structural"] = np.arange(len(ids)) >= first_stop
         prompt = {"base_prompt": data.prompt_tokens(record["prompt"], tokenizer, data_config)}
@@ -86,38 +85,36 @@ def token_signals(config, cfg, params, tokenizer, records: list[dict], target: s
                 prompt=record["prompt"], reference=record["reference"]), tokenizer, data_config)
         items.append(item)
         prompts.append(prompt)
-    rewrite.teacher_forced_signals(config, cfg, params, items, prompts)
+    rewrite_file.fill_signals(config, cfg, params, items, prompts)
     for item in items:
-        item["ids"] = item.pop("response_ids")
-        for name in SIGNALS:
+        for name in signals.TRAINED:
             values = item[name]
-            item[name] = (np.full(len(item["ids"]), np.nan, np.float32) if values is None
-                          else np.asarray(values, np.float32))
+            item[name] = (signals.empty(name, len(item["response_ids"])) if values is None
+                          else np.asarray(values, signals.BY_NAME[name].dtype))
     return items
 
 
 def categorize(items: list[dict], selection_config) -> dict[str, Any]:
     """Adds per-token categories to `items` and returns the source's statistics."""
-    lengths = [len(item["ids"]) for item in items]
+    lengths = [len(item["response_ids"]) for item in items]
     width = max(lengths)
 
     def pad(name, fill):
-        return np.stack([np.pad(np.asarray(item[name]), (0, width - len(item["ids"])),
+        return np.stack([np.pad(np.asarray(item[name]), (0, width - len(item["response_ids"])),
                                 constant_values=fill) for item in items])
 
     mask = np.arange(width)[None] < np.asarray(lengths)[:, None]
-    signals = selection.Signals(
-        loss_mask=mask, base_logprob=pad("base_logprobs", 0.0), base_top1=pad("base_top1", 0.0),
-        ref_logprob=pad("ref_logprobs", np.nan),
-        ref_logprob_base_choice=pad("ref_logprob_base_choice", np.nan),
-        ref_top1=pad("ref_top1", np.nan), structural=pad("structural", False),
-        fallback=mask & np.asarray([item["fallback"] for item in items])[:, None])
-    groups = jax.device_get(selection.categories(signals, selection_config))
+    found = selection.Signals(
+        loss_mask=mask, structural=pad("structural", False),
+        fallback=mask & np.asarray([item["fallback"] for item in items])[:, None],
+        **{name: pad(name, 0.0 if name in signals.BASE else signals.BY_NAME[name].fill)
+           for name in signals.TRAINED})
+    groups = jax.device_get(selection.categories(found, selection_config))
     for row, item in enumerate(items):
         item["category"] = np.select(
             [groups[name][row] for name in ("aligned", "correction", "structural")],
             ["aligned", "correction", "structural"], "drift")[:lengths[row]]
-    base = np.asarray(signals.base_logprob)[mask]
+    base = np.asarray(found.base_logprob)[mask]
     stats = {"records": len(items), "tokens": int(mask.sum()), "tau": float(groups["tau"]),
              "correction_test": selection_config.correction_test}
     stats.update({f"high_ppl_{t}": float(np.mean(base < -np.log(t))) for t in THRESHOLDS})
@@ -134,7 +131,7 @@ def plot_confidence(sources: dict[str, list[dict]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     bins = np.linspace(-6, 0, 61)
     for name, items in sources.items():
-        values = np.concatenate([item["base_logprobs"] for item in items]) / np.log(10)
+        values = np.concatenate([item["base_logprob"] for item in items]) / np.log(10)
         axis.hist(np.clip(values, -6, 0), bins=bins, alpha=0.5, label=name, density=True)
     for threshold in THRESHOLDS:
         axis.axvline(-np.log10(threshold), color="black", linestyle=":", linewidth=1)
@@ -173,10 +170,10 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
             spans = []
             ratios = np.exp(item["ref_logprob_base_choice"] - item["ref_top1"])
             for token, category, b, q, m, r in zip(
-                    item["ids"], item["category"], np.exp(item["base_logprobs"]),
-                    np.exp(item["ref_logprobs"]), item["base_top1"], ratios):
+                    item["response_ids"], item["category"], np.exp(item["base_logprob"]),
+                    np.exp(item["ref_logprob"]), item["base_top1"], ratios):
                 text = html.escape(tokenizer.decode([int(token)]))
-                shown = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"  # noqa: E731
+                shown = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"
                 spans.append(f"<span class='{category}' title='{category}: b={b:.3f} "
                              f"q={shown(q)} m={m:.3f} r={shown(r)}'>{text}</span>")
             parts.append(f"<h3>{html.escape(str(item['record'].get('id', '')))}</h3>"
@@ -186,15 +183,11 @@ def render_html(sources: dict[str, list[dict]], stats: dict, tokenizer, examples
     return "\n".join(parts)
 
 
-@host_memory.released
+@stages.stage("analyze")
 def analyze(config: Any) -> dict:
     """Writes summary.json, confidence.png and tokens.html; returns the summary."""
-    config = stages.finalize(config)
-    if not config.workdir:
-        raise UserError("--config.workdir is required (paths may use {workdir})")
-    selection.validate(step.with_rho(config).selection)
     mesh = sharding.make_mesh(config.mesh.shape)
-    cfg, params, tokenizer = stages.load_model(config, mesh)
+    cfg, params, tokenizer = loading.load_model(config, mesh)
     output = Path(config.analyze.output)
     sources, stats = {}, {}
     with sharding.activation_rules(mesh, config.mesh.rules):
@@ -208,8 +201,10 @@ def analyze(config: Any) -> dict:
             items = token_signals(config, cfg, params, tokenizer, records, target)
             if not items:
                 raise UserError(f"source {name!r} ({path}) has no non-empty {target}s")
-            alpha = rewrite.recorded_alpha(path)
-            stats[name] = categorize(items, step.with_rho(config, alpha).selection)
+            rho = config.selection.rho  # unless the config set it: each source's own alpha
+            if config.selection.rho_from != "config":
+                rho = rewrite_file.recorded_alpha(path) or config.rewrite.alpha
+            stats[name] = categorize(items, run_config.replaced(config.selection, rho=rho))
             sources[name] = items
     if jax.process_index() == 0:
         atomic.write_text(output / "summary.json", json.dumps(stats, indent=2) + "\n")
@@ -235,4 +230,4 @@ def format_table(stats: dict) -> str:
 
 
 if __name__ == "__main__":
-    stages.run(analyze)
+    cli.run(analyze)

@@ -3,8 +3,9 @@
 Used for models the package makes itself (the embedded default checkpoint, tests, the demo
 world). Optionally some whole words and the numbers 0-999 are single tokens too (the demo world's
 vocabulary: a 2-layer model copies a number from its context far more easily as one token than
-as two or three digits); any other text still falls back to one token per character. It is an ordinary `PreTrainedTokenizerFast` with special tokens and a chat template, so it
-saves with `save_pretrained` and loads back through `hf.load_tokenizer` like any checkpoint's.
+as two or three digits); any other text still falls back to one token per character. It is an
+ordinary `PreTrainedTokenizerFast` with special tokens and a chat template, so it saves with
+`save_pretrained` and loads back through `hf.load_tokenizer` like any checkpoint's.
 """
 
 from __future__ import annotations

@@ -8,24 +8,23 @@
     saved = batches.state                      # {"epoch": 3, "index": 128}: resume from it
 
 A record is a dict with canonical keys: `prompt`, `reference`, `response` (texts), and what a
-rewrite recorded for each response token: `response_ids`, `ref_logprobs`, `base_logprobs`,
-`base_top1`, `ref_logprob_base_choice`, `ref_top1`; a rewrite's fallback lines have
+rewrite recorded for each response token: `response_ids` and the trained signals of
+`dasd_jax/signals.py` (`ref_logprob`, `base_logprob`, ..., one value per token; older files'
+`ref_logprobs` / `base_logprobs` read as these); a rewrite's fallback lines have
 `source = "reference"`. Each example is the prompt's tokens followed by the target's
 (`data.target`: the rewrite `response` or the `reference`); only target tokens carry loss.
 
 A batch is a dict of numpy arrays, all [B, T], where T is the smallest of `data.buckets` that
-holds the batch's longest example (so the jitted step compiles once per bucket):
+holds the batch's longest example (so the jitted step compiles once per bucket); its keys and
+dtypes are `signals.BATCH_DTYPES`:
 
     tokens        int32    the sequence, padded with pad_id
     targets       int32    tokens shifted left by one: targets[:, t] = tokens[:, t + 1]; pad last
     loss_mask     bool     targets[:, t] is a target (response) token
     fallback      bool     ... of a record that fell back to its reference (source "reference")
     structural    bool     ... at or after the response's first stop token (end of turn / eos)
-    ref_logprob   float32  log πref(targets[:, t]) recorded by the rewrite; NaN where absent
-    base_logprob  float32  log π0(targets[:, t]) recorded by the rewrite; NaN where absent
-    base_top1     float32  max_v π0(v) at t, recorded by the rewrite; NaN where absent
-    ref_logprob_base_choice  float32  log πref(argmax_v π0(v)) at t; NaN where absent
-    ref_top1      float32  log max_v πref(v) at t; NaN where absent
+    (each trained signal)  its recorded value for targets[:, t]; the signal's fill (NaN) where
+                           nothing was recorded
 
 Every per-token value sits at the position that predicts its token, the position whose logits
 score it, so masks, signals and log-probs line up without further shifting.
@@ -44,30 +43,19 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from dasd_jax import signals
 from dasd_jax.errors import UserError
+from dasd_jax.tasks import registry
 
 TEXT_FIELDS = ("prompt", "reference", "response")
-# record keys, one value per response token
-VALUE_FIELDS = ("ref_logprobs", "base_logprobs", "base_top1", "ref_logprob_base_choice",
-                "ref_top1")
-CANONICAL_FIELDS = (*TEXT_FIELDS, "response_ids", *VALUE_FIELDS)
+CANONICAL_FIELDS = (*TEXT_FIELDS, "response_ids", *signals.TRAINED)
 TARGETS = ("response", "reference")
 OVERLONG = ("truncate", "drop")
-# record key -> Example / batch key
-VALUE_ARRAYS = {"ref_logprobs": "ref_logprob", "base_logprobs": "base_logprob",
-                "base_top1": "base_top1", "ref_logprob_base_choice": "ref_logprob_base_choice",
-                "ref_top1": "ref_top1"}
-MASK_ARRAYS = ("loss_mask", "fallback", "structural")  # bool Example / batch keys
 PATH_FORMS = ("a JSONL file, a directory of *.jsonl files, a dataset directory written by "
               "datasets' save_to_disk, hf:NAME[:CONFIG], or synthetic (generated records)")
 
 
 # ----------------------------------------------------------------------------- loading records
-
-
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UserError(f"--config.data.{key}={value!r}: must be one of {', '.join(choices)}")
 
 
 def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
@@ -82,12 +70,9 @@ def load_records(path: str, split: str, fields: Mapping[str, str] | None, *,
     target="reference"; training passes `config.data.target`. `fields_flag` is the config key
     that holds `fields`, named in errors.
     """
-    _check_choice("target", target, TARGETS)
     path = str(path)
     names = {name: (fields.get(name) if fields is not None else None) or name
              for name in CANONICAL_FIELDS}
-    from dasd_jax.tasks import registry
-
     if path in registry.record_sources():
         if target == "response":
             raise UserError(
@@ -166,7 +151,7 @@ def _saved_rows(directory: Path, split: str) -> Iterator[tuple[str, dict]]:
     datasets = _import_datasets()
     try:
         data = datasets.load_from_disk(str(directory))
-    except Exception as error:  # a damaged or foreign directory: one message
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign directory: one message
         raise UserError(f"{directory}: cannot load the dataset saved there "
                         f"({type(error).__name__}: {error})") from None
     if isinstance(data, datasets.DatasetDict):
@@ -205,7 +190,7 @@ def hub_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
     datasets = _import_datasets()
     try:
         data = datasets.load_dataset(name, config or None, split=split)
-    except Exception as error:  # offline, unknown dataset or split: one message
+    except Exception as error:  # noqa: BLE001 - offline, unknown dataset or split: one message
         detail = str(error).splitlines()[0] if str(error) else ""
         raise UserError(
             f"{spec}: could not load dataset {name!r} (config {config or None!r}, split {split!r}) "
@@ -220,8 +205,11 @@ def _canonical(row: dict, where: str, names: dict[str, str], required: Sequence[
                fields_flag: str) -> dict:
     """`row` with canonical keys; UserError naming the field, `where`, and the config key."""
     record = {}
+    legacy = {name: key for key, name in signals.LEGACY_KEYS.items()}
     for name in CANONICAL_FIELDS:
         source = names[name]
+        if source not in row and source == name and legacy.get(name) in row:
+            source = legacy[name]  # a rewrite file from before the signals' names were one
         if source not in row:
             if name in required:
                 hint = (" (or train on references with --config.data.target=reference)"
@@ -244,7 +232,7 @@ def _canonical(row: dict, where: str, names: dict[str, str], required: Sequence[
             raise UserError(f"{where}: field {source!r} (the {name}): {error}") from None
         if value is not None:
             record[name] = value
-    consumed = {names[name] for name in CANONICAL_FIELDS}
+    consumed = {names[name] for name in CANONICAL_FIELDS} | set(signals.LEGACY_KEYS)
     record.update({key: value for key, value in row.items()
                    if key not in consumed and key not in CANONICAL_FIELDS})
     return record
@@ -260,21 +248,16 @@ class Example:
     tokens: int32[L] (prompt then target); loss_mask: bool[L], True where tokens[t + 1] is a
     target token (the last entry is always False); fallback: bool[L], loss_mask of a record
     that fell back to its reference; structural: bool[L], True where tokens[t + 1] is a target
-    token at or after the target's first stop token; ref_logprob, base_logprob, base_top1,
-    ref_logprob_base_choice, ref_top1: float32[L], the recorded value for tokens[t + 1] at t,
-    NaN where none was recorded. record_index: the record's index in the list given to
-    `tokenize`.
+    token at or after the target's first stop token; signals: each trained signal's [L] array,
+    the recorded value for tokens[t + 1] at t (its fill where none was recorded).
+    record_index: the record's index in the list given to `tokenize`.
     """
 
     tokens: np.ndarray
     loss_mask: np.ndarray
     fallback: np.ndarray
     structural: np.ndarray
-    ref_logprob: np.ndarray
-    base_logprob: np.ndarray
-    base_top1: np.ndarray
-    ref_logprob_base_choice: np.ndarray
-    ref_top1: np.ndarray
+    signals: dict[str, np.ndarray]
     record_index: int
 
     @property
@@ -290,7 +273,7 @@ def _render(tokenizer, messages: list[dict], **options) -> str:
     """The chat template applied to `messages`, as text; UserError if the template fails."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
-    except Exception as error:  # jinja errors, templates that refuse a system message, ...
+    except Exception as error:  # noqa: BLE001 - jinja errors, templates refusing a system message
         raise UserError(
             f"the chat template of tokenizer {tokenizer.name_or_path or type(tokenizer).__name__} "
             f"failed ({type(error).__name__}: {error}); fix the template, or set "
@@ -362,14 +345,14 @@ def _example(index: int, prompt: list[int], response: list[int],
     stops = [i for i, token in enumerate(response) if token in stop_ids]
     if stops:
         structural[start + stops[0]:length - 1] = True
-    arrays = {"fallback": loss_mask & fallback, "structural": structural}
-    for name, key in VALUE_ARRAYS.items():
-        array = np.full(length, np.nan, np.float32)
+    arrays = {}
+    for name in signals.TRAINED:
+        arrays[name] = signals.empty(name, length)
         recorded = values[name][:len(response)]
-        array[start:start + len(recorded)] = recorded
-        arrays[key] = array
+        arrays[name][start:start + len(recorded)] = recorded
     return Example(tokens=np.asarray(prompt + response, np.int32), loss_mask=loss_mask,
-                   record_index=index, **arrays)
+                   fallback=loss_mask & fallback, structural=structural, signals=arrays,
+                   record_index=index)
 
 
 def tokenize(records: Sequence[dict], tokenizer, data_config,
@@ -391,21 +374,12 @@ def tokenize(records: Sequence[dict], tokenizer, data_config,
     """
     target, overlong = data_config.target, data_config.overlong
     max_seq_len = int(data_config.max_seq_len)
-    _check_choice("target", target, TARGETS)
-    _check_choice("overlong", overlong, OVERLONG)
-    if not uses_chat_template(tokenizer, data_config):
-        try:
-            data_config.prompt_format.format(prompt="")
-        except (KeyError, IndexError, ValueError) as error:
-            raise UserError(f"--config.data.prompt_format={data_config.prompt_format!r}: "
-                            f"{type(error).__name__}: {error}; it must contain {{prompt}} and "
-                            "write other braces as {{ and }}") from None
     counts = {"truncated": 0, "dropped": 0, "empty": 0}
     examples, stops = [], frozenset(int(token) for token in stop_ids)
     for index, record in enumerate(records):
         if target == "reference":  # the ids and values a rewrite recorded are its response's
             record = {key: value for key, value in record.items()
-                      if key != "response_ids" and key not in VALUE_FIELDS}
+                      if key != "response_ids" and key not in signals.TRAINED}
         text = record.get(target) or ""
         response = ([] if not ("response_ids" in record or text.strip()) else
                     _response_tokens(record, text, tokenizer, data_config))
@@ -417,7 +391,7 @@ def tokenize(records: Sequence[dict], tokenizer, data_config,
             raise UserError(f"record {index}: the prompt tokenizes to nothing, so no position "
                             "predicts the first response token; use a non-empty prompt_format")
         values = {name: _recorded_values(record, name, len(response), index)
-                  for name in VALUE_FIELDS}
+                  for name in signals.TRAINED}
         if len(prompt) + len(response) > max_seq_len:
             room = max_seq_len - len(prompt)
             if overlong == "drop" or room < 1:
@@ -441,23 +415,22 @@ def tokenize(records: Sequence[dict], tokenizer, data_config,
     return examples, {"records": len(records), "examples": len(examples), **counts}
 
 
-def has_values(examples: Iterable[Example], name: str) -> bool:
-    """Whether every target token of every example has a recorded `name` (an Example field:
-    ref_logprob, base_logprob or base_top1)."""
-    return all(_covers(example, name) for example in examples)
+def has_values(examples: Iterable[Example], *names: str) -> bool:
+    """Whether every target token of every example has a recorded value of each signal."""
+    return all(_covers(example, name) for example in examples for name in names)
 
 
 def _covers(example: Example, name: str) -> bool:
-    return not np.isnan(getattr(example, name)[example.loss_mask]).any()
+    return not np.isnan(example.signals[name][example.loss_mask]).any()
 
 
 def check_cached_base_signals(examples: Sequence[Example]) -> None:
-    """UserError unless every target token has base_logprob and base_top1 (what
+    """UserError unless every target token has the base signals (`signals.BASE`, what
     `train.base_confidence="cached"` reads instead of running the base model)."""
-    lacking = sum(not (_covers(e, "base_logprob") and _covers(e, "base_top1")) for e in examples)
+    lacking = sum(not all(_covers(e, name) for name in signals.BASE) for e in examples)
     if lacking:
         raise UserError(
-            f"{lacking} of {len(examples)} examples lack base_logprobs / base_top1 on their "
+            f"{lacking} of {len(examples)} examples lack {' / '.join(signals.BASE)} on their "
             "response tokens, which --config.train.base_confidence=cached reads instead of "
             "running the base model. Rewrite the data in dasd (co-decoding) mode, which records "
             "them, or set --config.train.base_confidence=model")
@@ -484,12 +457,14 @@ def collate(examples: Sequence[Example], buckets: Sequence[int], pad_id: int) ->
     (keys and dtypes in the module docstring)."""
     shape = (len(examples), _bucket(max(len(example.tokens) for example in examples), buckets))
     batch = {"tokens": np.full(shape, pad_id, np.int32)}
-    batch.update({key: np.zeros(shape, bool) for key in MASK_ARRAYS})
-    batch.update({key: np.full(shape, np.nan, np.float32) for key in VALUE_ARRAYS.values()})
+    batch.update({key: np.zeros(shape, bool) for key in signals.MASKS})
+    batch.update({name: signals.empty(name, shape) for name in signals.TRAINED})
     for row, example in enumerate(examples):
         length = len(example.tokens)
-        for key in ("tokens", *MASK_ARRAYS, *VALUE_ARRAYS.values()):
+        for key in ("tokens", *signals.MASKS):
             batch[key][row, :length] = getattr(example, key)
+        for name in signals.TRAINED:
+            batch[name][row, :length] = example.signals[name]
     batch["targets"] = np.full(shape, pad_id, np.int32)
     batch["targets"][:, :-1] = batch["tokens"][:, 1:]
     return batch
@@ -535,10 +510,6 @@ class Batches:
     @property
     def state(self) -> dict:
         return {"epoch": self._epoch, "index": self._index}
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.examples) // self.batch_size
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:

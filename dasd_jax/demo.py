@@ -2,8 +2,9 @@
 
 The whole DASD pipeline, offline, in the generated arithmetic world of `tasks.synthetic`:
 
-1. pretrain a tiny character-level base on easy problems in its native style plus answer-aware
-   examples (cached in `demo.cache_dir`, keyed by every setting that shapes it);
+1. pretrain a tiny base (its tokenizer: the world's words and numbers whole, characters
+   otherwise) on easy problems in its native style plus answer-aware examples (cached in
+   `demo.cache_dir`, keyed by every setting that shapes it);
 2. rewrite the hard fine-tuning problems, whose references are in a foreign style, in `sdft` and
    `dasd` (co-decoding) modes;
 3. fine-tune the base nine ways (`METHODS`, or the subset `demo.methods` names), each the same
@@ -29,7 +30,7 @@ from typing import Any
 
 import jax
 
-from dasd_jax import analyze, atomic, evaluate, rewrite, stages, train, validation
+from dasd_jax import analyze, atomic, cli, evaluate, loading, rewrite, train, validation
 from dasd_jax.errors import UserError
 from dasd_jax.pipeline import stage_config, training_means, write_jsonl
 from dasd_jax.tasks import synthetic
@@ -66,7 +67,7 @@ def cache_key(config: Any, records: list[dict]) -> str:
                 "lr": demo.pretrain_learning_rate, "batch": demo.pretrain_batch_size,
                 "seed": config.seed, "buckets": list(config.data.buckets),
                 "group_by_length": config.data.group_by_length,
-                "tokenizer": stages.random_tokenizer(config).backend_tokenizer.to_str(),
+                "tokenizer": loading.random_tokenizer(config).backend_tokenizer.to_str(),
                 "records": records}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -107,12 +108,12 @@ def run(config: Any, extra_methods: dict | None = None) -> dict:
     """Runs the demo; returns the results table as a dict and prints it. `extra_methods`
     ({name: (rule, training file, target, selection overrides)}) adds fine-tunes, e.g. ablations.
     Each method's kept ratio and token composition are the means over its training run."""
-    validation.validate(config)  # each stage below finalizes its own copy (its own {workdir})
+    validation.validate(config)  # each stage below resolves its own copy (its own {workdir})
     methods = {**chosen_methods(config), **(extra_methods or {})}
     demo = config.demo
     workdir = Path(config.workdir).expanduser()
     timings: dict[str, float] = {}
-    log = lambda text: print(f"[demo] {text}", flush=True)  # noqa: E731
+    log = lambda text: print(f"[demo] {text}", flush=True)
 
     started = time.perf_counter()
     base = pretrained_base(config, log)
@@ -218,4 +219,4 @@ def format_table(table: dict) -> str:
 
 
 if __name__ == "__main__":
-    stages.run(main, finalize_config=False)  # each stage of the demo finalizes its own config
+    cli.run(main)  # each stage of the demo resolves its own config

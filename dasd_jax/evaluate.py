@@ -31,18 +31,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import (atomic, checkpoint, data, fit_check, hf, host_memory, lora, model, sampling,
-                      sharding, shift, stages, step)
+from dasd_jax import (atomic, checkpoint, cli, data, hf, loading, sampling, sharding, shift, stages,
+                      step)
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import coding, commonsense, registry
+from dasd_jax.tasks import registry, scoring
 
 
 def task_list(config: Any) -> list[str]:
+    """The tasks of eval.tasks, after registering eval.task_modules' own."""
+    for module in filter(None, (m.strip() for m in config.eval.task_modules.split(","))):
+        registry.add_module(module)
     names = [t.strip() for t in config.eval.tasks.split(",") if t.strip()]
     known = registry.eval_tasks()
     unknown = [t for t in names if t not in known]
     if unknown or not (names or shift.enabled(config)):
-        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from {', '.join(known)}")
+        raise UserError(f"--config.eval.tasks={config.eval.tasks!r}: choose from "
+                        f"{', '.join(known)}")
     return names
 
 
@@ -62,12 +66,12 @@ def load_checkpoint(config: Any, path: str, mesh):
     adapters merged into the base), or ("" or "base") of the model the run starts from
     (model.path, or its random init)."""
     if path in ("", "base"):
-        return stages.load_model(config, mesh)
+        return loading.load_model(config, mesh)
     directory = Path(path).expanduser()
     if (directory / "checkpoints").is_dir():
         return trained_from_workdir(config, directory, mesh)
     cfg, params = hf.load(path, mesh=mesh, rules=config.mesh.rules)
-    return cfg, params, hf.load_tokenizer(path, cfg)
+    return cfg.replace(platform=config.model.platform), params, hf.load_tokenizer(path, cfg)
 
 
 def trained_from_workdir(config: Any, directory: Path, mesh):
@@ -78,26 +82,18 @@ def trained_from_workdir(config: Any, directory: Path, mesh):
     restorer = checkpoint.Checkpointer(directory, every=1, max_to_keep=1)
     try:
         if step.uses_lora(config):
-            cfg, params, tokenizer = stages.load_model(config, mesh)
+            cfg, params, tokenizer = loading.load_model(config, mesh)
             run = step.setup(config, cfg, mesh)
             base_params = run.base_params(params)
             del params
-            adapters = restorer.restore_params(_abstract(run.trainable_shapes(),
-                                                         run.state_shardings.params))
-            return (model.adapters_off(run.trainee), lora.merge(run.trainee, base_params, adapters),
-                    tokenizer)
-        cfg, tokenizer = stages.model_config_and_tokenizer(config)
-        run = step.setup(config, cfg, mesh)
-        params = restorer.restore_params(_abstract(run.trainable_shapes(),
-                                                   run.state_shardings.params))
-        return run.trainee, params, tokenizer
+        else:  # the trainee's params come whole from the checkpoint
+            cfg, tokenizer = loading.model_config_and_tokenizer(config)
+            run, base_params = step.setup(config, cfg, mesh), None
+        trained = restorer.restore_params(sharding.abstract(run.trainable_shapes(),
+                                                            run.state_shardings.params))
+        return (*run.trained_model(trained, base_params), tokenizer)
     finally:
         restorer.close()
-
-
-def _abstract(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
 
 
 def _settings(config, cfg, tokenizer) -> sampling.Settings:
@@ -119,26 +115,29 @@ def generate_completions(config, cfg, params, tokenizer,
     return completions, [r.finished for r in results]
 
 
-def choice_logliks(config, cfg, params, tokenizer, items: list[dict]) -> list[list[tuple[float, int]]]:
-    """Per item, per choice: (sum log p(continuation | context), the choice's length for acc_norm).
-    Pairs are tokenized as lm-eval's `hf` model does (`commonsense.encode_pair`)."""
-    pairs = [(i, c, commonsense.encode_pair(tokenizer, context, continuation, config.eval.bos))
+def choice_logliks(config, cfg, params, tokenizer, spec: registry.EvalTask,
+                   items: list[dict]) -> list[list[tuple[float, int]]]:
+    """Per item, per choice of the multiple-choice task `spec`: (sum log p(continuation |
+    context), the choice's length for acc_norm). Pairs are tokenized as lm-eval's `hf` model
+    does (`scoring.encode_pair`)."""
+    pairs = [(i, c, scoring.encode_pair(tokenizer, context, continuation, config.eval.bos))
              for i, item in enumerate(items)
-             for c, (context, continuation) in enumerate(commonsense.choice_pairs(item))]
+             for c, (context, continuation) in enumerate(spec.choices(item))]
     scored = sampling.score_stats(
         cfg, params, [encoded[0] for _, _, encoded in pairs],
         [encoded[1] for _, _, encoded in pairs], ("logprob",), tuple(config.eval.prompt_buckets),
         batch_size=config.eval.batch_size)
-    out = [[None] * len(commonsense.choice_pairs(item)) for item in items]
+    out = [[None] * len(spec.choices(item)) for item in items]
     for (i, c, _), found in zip(pairs, scored):
         out[i][c] = float(np.sum(found["logprob"]))
-    return [list(zip(scores, commonsense.choice_lengths(item))) for scores, item in zip(out, items)]
+    return [list(zip(scores, spec.choice_lengths(item))) for scores, item in zip(out, items)]
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_generative(task: str, items: list[dict], completions: list[list[str]]) -> tuple[list, dict]:
+def score_generative(task: str, items: list[dict],
+                     completions: list[list[str]]) -> tuple[list, dict]:
     """Per-example lines and the task summary; completions: per item, one or more samples.
 
     `accuracy` counts each item's first sample; with several samples per item, `pass@k`
@@ -163,18 +162,18 @@ def score_generative(task: str, items: list[dict], completions: list[list[str]])
     if counts and max(counts) > 1:
         summary["samples"] = {"min": min(counts), "max": max(counts)}
         summary.update({f"pass@{k}": float(np.mean([
-            coding.pass_at_k(line["samples"], line["samples_correct"], k) for line in lines]))
+            scoring.pass_at_k(line["samples"], line["samples_correct"], k) for line in lines]))
             for k in (1, 5, 10) if k <= min(counts)})
     return lines, summary
 
 
 def score_multiple_choice(task: str, items: list[dict], logliks) -> tuple[list, dict]:
-    predictions = [commonsense.prediction([s for s, _ in item_scores], [n for _, n in item_scores])
+    predictions = [scoring.prediction([s for s, _ in item_scores], [n for _, n in item_scores])
                    for item_scores in logliks]
     lines = [{"task": task, "id": item["id"], "label": item["label"], "prediction": pred,
               "prediction_norm": pred_norm, "correct": pred == item["label"]}
              for item, (pred, pred_norm) in zip(items, predictions)]
-    summary = dict(commonsense.summarize(items, predictions)[task])
+    summary = scoring.choice_accuracy([item["label"] for item in items], predictions)
     summary.update(examples=summary.pop("count"), accuracy=summary["acc"])
     return lines, summary
 
@@ -188,7 +187,7 @@ def evaluate_model(config, cfg, params, tokenizer, tasks: list[str], mesh) -> tu
             spec = registry.eval_task(task)
             if spec.choices:
                 lines[task], summaries[task] = score_multiple_choice(
-                    task, items, choice_logliks(config, cfg, params, tokenizer, items))
+                    task, items, choice_logliks(config, cfg, params, tokenizer, spec, items))
                 continue
             limit = max(config.eval.prompt_buckets)
             fits = [len(data.prompt_tokens(spec.prompt(item), tokenizer, config.data)) <= limit
@@ -247,7 +246,8 @@ def score_predictions(config, tasks: list[str]) -> tuple[dict, dict]:
 
 
 def format_table(summaries: dict, baseline: dict | None, tuned: set[str]) -> str:
-    rows = [f"{'task':<16}{'examples':>9}{'accuracy':>10}" + (f"{'base':>9}{'Δ':>8}" if baseline else "")]
+    header = f"{'task':<16}{'examples':>9}{'accuracy':>10}"
+    rows = [header + (f"{'base':>9}{'Δ':>8}" if baseline else "")]
     for task, s in summaries.items():
         row = f"{task:<16}{s['examples']:>9}{s['accuracy']:>10.1%}"
         if baseline and task in baseline:
@@ -276,14 +276,9 @@ def distribution_shift(config, tuned: tuple, base: tuple, output: Path) -> dict:
     return summary
 
 
-@host_memory.released
+@stages.stage("evaluate")
 def evaluate(config: Any) -> dict:
     """Runs the evaluation; returns the summary written to summary.json."""
-    config = stages.finalize(config)
-    if config.dry_run:  # the whole pipeline's programs, compiled for compile_for
-        return fit_check.check(config)
-    if not config.workdir:
-        raise UserError("--config.workdir is required (paths may use {workdir})")
     tasks = task_list(config)
     output = Path(config.eval.output)
     baseline = shifted = None
@@ -316,7 +311,8 @@ def evaluate(config: Any) -> dict:
         for task, task_lines in lines.items():
             atomic.write_text(output / f"{task}.jsonl",
                               "".join(json.dumps(line, default=str) + "\n" for line in task_lines))
-        atomic.write_text(output / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic.write_text(output / "summary.json",
+                          json.dumps(summary, indent=2, default=str) + "\n")
         print(format_table(summaries, baseline, tuned_tasks))
         if shifted is not None:
             print(format_shift(shifted))
@@ -337,4 +333,4 @@ def format_shift(shifted: dict) -> str:
 
 
 if __name__ == "__main__":
-    stages.run(evaluate)
+    cli.run(evaluate)

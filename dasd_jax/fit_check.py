@@ -20,9 +20,7 @@ import dataclasses
 import re
 from typing import Any, Iterator
 
-import jax
-
-from dasd_jax import model, sampling, sharding, stages, step, targets
+from dasd_jax import loading, model, run_config, sampling, sharding, step, targets
 from dasd_jax.errors import UserError
 
 GIB = 2.0 ** 30
@@ -72,7 +70,7 @@ class ProgramMemory:
 def _compile(stage: str, name: str, lowered) -> ProgramMemory:
     try:
         compiled = lowered.compile()
-    except Exception as error:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error
+    except Exception as error:
         text = " ".join(str(error).split())
         if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
             raise
@@ -97,18 +95,13 @@ def _sizes(message: str) -> list[int]:
 # ----------------------------------------------------------------------------- the programs
 
 
-def _abstract(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
-
-
 PIPELINE = ("train", "rewrite", "evaluate")
 
 
 def programs(config: Any, cfg: model.ModelConfig, mesh, run: step.StepSetup,
              parts: tuple[str, ...] = PIPELINE) -> Iterator:
     """The programs of the stages in `parts`, compiled one at a time (ProgramMemory each): the
-    train step, then the rewrite's and evaluation's programs on params as `stages.load_model`
+    train step, then the rewrite's and evaluation's programs on params as `loading.load_model`
     loads them."""
     lowered = run.train_step.lower(*run.abstract_inputs(config.train.batch_size,
                                                         max(config.data.buckets)))
@@ -116,7 +109,7 @@ def programs(config: Any, cfg: model.ModelConfig, mesh, run: step.StepSetup,
                    f"{max(config.data.buckets)}{', LoRA' if run.lora else ''})", lowered)
     if parts == ("train",):
         return
-    params = _abstract(model.param_shapes(cfg),
+    params = sharding.abstract(model.param_shapes(cfg),
                        sharding.param_shardings(cfg, mesh, config.mesh.rules))
     eos = tuple(cfg.eos_token_ids)
     rewrite, evaluate = config.rewrite, config.eval
@@ -154,10 +147,9 @@ def step_cost(config: Any, cfg: model.ModelConfig, mesh) -> dict | None:
     optimizer's share counted once per micro-batch). None where the compiler gives no cost
     analysis (GPU compile-only targets) or a variant does not compile."""
     micro = config.train.micro_batches
-    variant = config.copy_and_resolve_references()
-    variant.train.batch_size = config.train.batch_size // micro
-    variant.train.micro_batches = 1
-    variant.train.loss_chunk = max(config.data.buckets)
+    variant = run_config.replaced_fields(config, {
+        "train.batch_size": config.train.batch_size // micro, "train.micro_batches": 1,
+        "train.loss_chunk": max(config.data.buckets)})
     costs = []
     for layers in (2, 3):
         run = step.setup(variant, cfg.replace(num_layers=layers, scan_unroll=layers), mesh)
@@ -183,11 +175,10 @@ def check(config: Any, parts: tuple[str, ...] = PIPELINE) -> dict:
     """Compiles every program for `config.compile_for` (or this machine), printing each as it is
     compiled, then the FLOPs and the verdict; returns the report and raises DoesNotFit when a
     program does not fit. parts: ("train",) compiles the train step alone."""
+    config = run_config.resolve(config)
     target = targets.resolve(config.compile_for)
     mesh = sharding.make_mesh(config.mesh.shape, devices=target.devices)
-    step.check_batch_layout(config, mesh)
-    cfg = stages.model_config_only(config)
-    cfg = cfg.replace(platform=cfg.platform or target.platform)
+    cfg = loading.model_config_only(config)
     run = step.setup(config, cfg, mesh)
     usable = target.usable_bytes
     report = {
@@ -247,8 +238,7 @@ def _time_bound(cost: dict | None, model_flops: float, chip: targets.Chip) -> di
 
 def _lora_saving(config: Any, cfg: model.ModelConfig, mesh, run: step.StepSetup) -> dict:
     """LoRA's trainable params and weight memory against full fine-tuning of the same run."""
-    full = config.copy_and_resolve_references()
-    full.lora.rank = 0
+    full = run_config.replaced_fields(config, {"lora.rank": 0})
     saving = {"trainable_params": run.trainee.num_lora_params,
               "weights_gib": run.weight_bytes() / GIB,
               "full_finetune_weights_gib": step.setup(full, cfg, mesh).weight_bytes() / GIB}

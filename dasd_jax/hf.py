@@ -79,7 +79,7 @@ def resolve(path: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(str(path), allow_patterns=HUB_DOWNLOAD_PATTERNS,
                                       local_files_only=constants.HF_HUB_OFFLINE))
-    except Exception as error:  # offline, unknown repo, gated repo, network down: one message
+    except Exception as error:  # noqa: BLE001 - offline, unknown, gated repo, network down: one message
         raise CheckpointError(
             f"{path} is not a local directory and could not be fetched from the Hugging Face Hub "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
@@ -276,14 +276,16 @@ def tensor_table(cfg: model_lib.ModelConfig) -> list[TensorEntry]:
     q_out, kv_out = cfg.num_heads * e, cfg.num_kv_heads * e
     layer = "model.layers.{i}."
     table = [
-        TensorEntry(("embed_tokens", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, d)),
+        TensorEntry(("embed_tokens", "embedding"), "model.embed_tokens.weight",
+                    (cfg.vocab_size, d)),
         TensorEntry(("norm", "scale"), "model.norm.weight", (d,)),
         TensorEntry(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", (d,)),
         TensorEntry(("layers", "post_attention_layernorm", "scale"),
                     layer + "post_attention_layernorm.weight", (d,)),
     ]
     if not cfg.tie_word_embeddings:
-        table.append(TensorEntry(("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, d), True))
+        table.append(TensorEntry(("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, d),
+                                 True))
     projections = [("q_proj", q_out, d), ("k_proj", kv_out, d), ("v_proj", kv_out, d),
                    ("o_proj", d, q_out)]
     for name, out_dim, in_dim in projections:
@@ -309,7 +311,8 @@ def _hf_names(entry: TensorEntry, num_layers: int) -> list[str]:
     return [entry.hf_name]
 
 
-def _to_param_layout(tensor: np.ndarray, entry: TensorEntry, param_shape: tuple[int, ...]) -> np.ndarray:
+def _to_param_layout(tensor: np.ndarray, entry: TensorEntry,
+                     param_shape: tuple[int, ...]) -> np.ndarray:
     return (tensor.T if entry.transpose else tensor).reshape(param_shape)
 
 
@@ -343,7 +346,8 @@ class _SafetensorsReader:
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as error:
-                raise CheckpointError(f"{index_path} is not a valid safetensors index: {error}") from None
+                raise CheckpointError(
+                    f"{index_path} is not a valid safetensors index: {error}") from None
             files = sorted(set(weight_map.values()))
         elif (directory / SINGLE_SAFETENSORS).exists():
             files = [SINGLE_SAFETENSORS]
@@ -369,8 +373,9 @@ class _SafetensorsReader:
                                       f"from {directory}")
             try:
                 handle = safe_open(str(file_path), framework="np")
-            except Exception as error:
-                raise CheckpointError(f"{file_path} is not a readable safetensors file: {error}") from None
+            except Exception as error:  # noqa: BLE001 - safetensors raises many kinds for a bad file
+                raise CheckpointError(
+                    f"{file_path} is not a readable safetensors file: {error}") from None
             self._handles[name] = handle
             for key in handle.keys():
                 self.shapes[key] = (name, tuple(handle.get_slice(key).get_shape()))
@@ -380,7 +385,8 @@ class _SafetensorsReader:
 
 
 def _check_tensors(table: list[TensorEntry], reader: _SafetensorsReader, cfg, directory) -> None:
-    expected = {name: entry.hf_shape for entry in table for name in _hf_names(entry, cfg.num_layers)}
+    expected = {name: entry.hf_shape for entry in table
+                for name in _hf_names(entry, cfg.num_layers)}
     found = {k: shape for k, (_, shape) in reader.shapes.items()
              if not IGNORED_CHECKPOINT_KEYS.match(k)}
     if cfg.tie_word_embeddings:
@@ -392,7 +398,8 @@ def _check_tensors(table: list[TensorEntry], reader: _SafetensorsReader, cfg, di
     problems += [f"tensor {name} has shape {list(found[name])}, expected {list(shape)}"
                  for name, shape in expected.items() if name in found and found[name] != shape]
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        shown = problems[:20] + more
         raise CheckpointError(
             f"the tensors in {directory} do not match its config.json "
             f"({cfg.model_type}, {cfg.num_layers} layers):\n  " + "\n  ".join(shown)
@@ -550,7 +557,8 @@ def save(path: str | os.PathLike, cfg: model_lib.ModelConfig, params, tokenizer=
             if len(files) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": file_of}
                 (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            (staging / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+            (staging / "config.json").write_text(
+                json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
             generation = {"bos_token_id": cfg.bos_token_id,
                           "eos_token_id": list(cfg.eos_token_ids) or None,
                           "pad_token_id": cfg.pad_token_id}

@@ -18,36 +18,19 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from dasd_jax import model
-from dasd_jax.errors import UserError
 
 Array = jax.Array
 PyTree = Any
 
 
 def model_fields(settings: Any) -> dict:
-    """ModelConfig LoRA fields from `config.lora` ({} when rank is 0, i.e. LoRA off).
-
-    Raises UserError naming the flag for a bad rank, alpha, dropout or target name.
-    """
-    targets = model.parse_lora_targets(settings.targets)
-    unknown = [t for t in targets if t not in model.LORA_TARGETS]
-    if unknown:
-        raise UserError(f"--config.lora.targets: {', '.join(map(repr, unknown))} "
-                        f"{'is not a projection' if len(unknown) == 1 else 'are not projections'}"
-                        f" LoRA can adapt; choose from {','.join(model.LORA_TARGETS)}")
-    if settings.rank < 0:
-        raise UserError(f"--config.lora.rank={settings.rank} must be >= 0 (0 = LoRA off)")
+    """ModelConfig LoRA fields from `config.lora` ({} when rank is 0, i.e. LoRA off); the
+    fields were checked by dasd_jax/validation.py."""
     if not settings.rank:
         return {}
-    if not targets:
-        raise UserError("--config.lora.targets is empty: name the projections to adapt, e.g. "
-                        + ",".join(model.LORA_TARGETS))
-    if settings.alpha <= 0:
-        raise UserError(f"--config.lora.alpha={settings.alpha} must be positive")
-    if not 0 <= settings.dropout < 1:
-        raise UserError(f"--config.lora.dropout={settings.dropout} must be in [0, 1)")
     return dict(lora_rank=int(settings.rank), lora_alpha=float(settings.alpha),
-                lora_dropout=float(settings.dropout), lora_targets=targets)
+                lora_dropout=float(settings.dropout),
+                lora_targets=model.parse_lora_targets(settings.targets))
 
 
 def modules(adapters: PyTree) -> dict[tuple[str, ...], dict[str, Array]]:

@@ -24,7 +24,7 @@ def _chunk_stats(hidden: Array, kernel: Array, targets: Array, queries: Array | 
     logits = jnp.einsum("bcd,dv->bcv", hidden, kernel.astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    picked = lambda ids: jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]  # noqa: E731
+    picked = lambda ids: jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
     out = []
     for stat in stats:
         if stat == "logprob":
@@ -61,7 +61,7 @@ def token_stats(hidden: Array, kernel: Array, targets: Array, *, chunk: int = 51
     if ("query_logprob" in stats) != (queries is not None):
         raise ValueError("the query_logprob stat and the queries argument go together")
     queries = targets if queries is None else queries
-    body = lambda h, t, q: _chunk_stats(h, kernel, t, q, stats)  # noqa: E731
+    body = lambda h, t, q: _chunk_stats(h, kernel, t, q, stats)
     return dict(zip(stats, _map_chunks(body, chunk, hidden, targets, queries)))
 
 
@@ -85,7 +85,7 @@ def distribution_shift(base_hidden: Array, base_kernel: Array, tuned_hidden: Arr
             base_h.dtype), preferred_element_type=jnp.float32), axis=-1)
         tuned = jax.nn.log_softmax(jnp.einsum("bcd,dv->bcv", tuned_h, tuned_kernel.astype(
             tuned_h.dtype), preferred_element_type=jnp.float32), axis=-1)
-        picked = lambda table: jnp.take_along_axis(table, ids[..., None], axis=-1)[..., 0]  # noqa: E731
+        picked = lambda table: jnp.take_along_axis(table, ids[..., None], axis=-1)[..., 0]
         kl = jnp.sum(jnp.exp(base) * (base - tuned), axis=-1)
         kept = jnp.argmax(base, axis=-1) == jnp.argmax(tuned, axis=-1)
         return kl, picked(base), picked(tuned), kept.astype(jnp.float32)

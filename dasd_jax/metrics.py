@@ -39,7 +39,8 @@ def to_number(name: str, value: Any) -> int | float:
     array = np.asarray(value)
     if array.size != 1 or not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool):
         raise TypeError(f"metric {name!r} must be a number or a one-element numeric array, "
-                        f"got {type(value).__name__} with shape {array.shape} and dtype {array.dtype}")
+                        f"got {type(value).__name__} with shape {array.shape} and dtype "
+                        f"{array.dtype}")
     if jnp.issubdtype(array.dtype, jnp.inexact):
         return float(array.astype(np.float64).reshape(()))
     return int(array.reshape(()))
@@ -69,7 +70,8 @@ def window_mean(total: Mapping[str, float], steps: int, last: Mapping[str, float
 
 
 class MetricsWriter:
-    """Appends `{"step": s, **metrics}` lines to `{workdir}/metrics.jsonl` (and TensorBoard scalars).
+    """Appends `{"step": s, **metrics}` lines to `{workdir}/metrics.jsonl` (and TensorBoard
+    scalars).
 
     enabled: False on non-primary processes of a multi-host run; then nothing is written anywhere.
     resume_step: the step of the restored checkpoint. Lines with a larger step were logged after
@@ -142,7 +144,8 @@ def _drop_lines_after(path: str, last_step: int) -> None:
                 continue
             if not isinstance(record, dict) or record.get("step", last_step) <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.",
+                                         suffix=".tmp")
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.writelines(kept)
     shutil.copymode(path, temporary)  # mkstemp makes it owner-only

@@ -90,7 +90,7 @@ class ModelConfig:
     remat_policy: str = "none"
     scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop at all)
     attention_impl: str = "auto"
-    platform: str = ""  # what programs are compiled for: cpu | gpu | tpu; "" = this host's JAX backend
+    platform: str = ""  # what programs are compiled for: cpu | gpu | tpu ("" = this host's)
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -117,7 +117,8 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+            problems.append(f"attention_impl {self.attention_impl!r} is not one of "
+                            f"{ATTENTION_IMPLS}")
         if self.platform not in PLATFORMS:
             problems.append(f"platform {self.platform!r} is not one of {PLATFORMS}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
@@ -563,7 +564,8 @@ class MLP(nn.Module):
                       "gate_proj")(x)
         up = _dense(cfg, cfg.intermediate_size, 1, cfg.mlp_bias, ("embed", "mlp"), ("mlp",),
                     "up_proj")(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up,
+                                            ("act_batch", "act_length", "act_mlp"))
         return _dense(cfg, cfg.hidden_size, 1, cfg.mlp_bias, ("mlp", "embed"), ("embed",),
                       "down_proj")(hidden)
 
@@ -811,13 +813,6 @@ def _hidden_cached_by_layer(cfg, params, tokens, cache, lora):
     x, (keys, values, _) = carry
     hidden = decoder.apply({"params": shared}, x, method=Decoder.final_norm)
     return hidden, KVCache(keys, values, cache.lengths + length)
-
-
-def forward_cached(cfg: ModelConfig, params: PyTree, tokens: Array, cache: KVCache, *,
-                   lora: PyTree | None = None) -> tuple[Array, KVCache]:
-    """Logits dtype[B, T, V] of T new tokens per row and the updated cache (`hidden_cached`)."""
-    hidden, cache = hidden_cached(cfg, params, tokens, cache, lora=lora)
-    return unembed(cfg, params, hidden), cache
 
 
 def forward(cfg: ModelConfig, params: PyTree, tokens: Array, positions: Array | None = None,

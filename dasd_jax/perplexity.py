@@ -49,7 +49,8 @@ def token_logprobs(cfg: model.ModelConfig, params, tokens: jax.Array) -> jax.Arr
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="HF checkpoint directory or hub id (default: embedded)")
+    parser.add_argument("--checkpoint",
+                        help="HF checkpoint directory or hub id (default: embedded)")
     parser.add_argument("--text", default=DEFAULT_TEXT, help="text to score")
     parser.add_argument("--dtype", default=None, help="param/compute dtype, e.g. bfloat16")
     parser.add_argument("--cache_dir", default=os.environ.get(
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         ids = [cfg.bos_token_id] + ids
     if len(ids) < 2:
         raise UserError("--text must have at least one token to score")
-    logprobs = np.asarray(jax.jit(token_logprobs, static_argnums=0)(cfg, params, jnp.asarray([ids])))
+    logprobs = np.asarray(jax.jit(token_logprobs, static_argnums=0)(cfg, params,
+                                                                   jnp.asarray([ids])))
     result = {
         "checkpoint": str(checkpoint),
         "model_type": cfg.model_type,

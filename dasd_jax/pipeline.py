@@ -11,15 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dasd_jax import atomic
+from dasd_jax import atomic, run_config
 
 LOGGED = ("kept_ratio", "kept_high_ppl", "aligned", "correction", "drift", "structural")
 
 
 def stage_config(config: Any, workdir: Path, **sections: dict) -> Any:
-    """A copy of `config` for one stage: its own workdir, no progress bar, and the given
-    section overrides ({"train": {"steps": 10}, ...})."""
-    stage = config.copy_and_resolve_references()
+    """A copy of `config` (frozen or not) for one stage, not yet resolved: its own workdir, no
+    progress bar, and the given section overrides ({"train": {"steps": 10}, ...})."""
+    stage = run_config.mutable(config)
     stage.workdir = str(workdir)
     stage.metrics.progress_bar = False
     for section, values in sections.items():

@@ -3,11 +3,14 @@
     decoded = sampling.generate(cfg, params, prompts, settings, rng)            # list[Decoded]
     decoded = sampling.codecode(cfg, params, ref_prompts, base_prompts, settings, rng)
 
-Prompts of mixed length share a batch: they are left-padded to a prompt bucket, so every row
-writes the same cache slot at each step; positions count real tokens only and padding is masked
-out. Each decode runs two compiled programs: prefill (the prompts into a fresh cache) and the
-decode loop (a `lax.while_loop` that stops when every row has emitted an end-of-sequence token
-or `max_new_tokens`), with the cache donated from one to the other.
+Prompts of mixed length share a batch: each row keeps its own length in the KV cache, so
+prompts are right-padded (to a multiple of 64 within their bucket) and a row's padding is
+overwritten by its next tokens; positions count real tokens only. Each decode runs two compiled
+programs: prefill (the prompts into a fresh cache) and the decode loop (a `lax.while_loop` that
+stops when every row has emitted an end-of-sequence token or `max_new_tokens`, or, with rows
+waiting, when one row ends), with the state donated from one to the other; a finished row is
+refilled with the next waiting prompt (continuous batching, `decode_all`). The state is laid
+out over the mesh of the params (`decode_state_shardings`).
 
 Co-decoding (docs/method.md, stage 1, mode `dasd`): each example's two contexts, with the reference
 (answer-aware, πref) and without it (the base, π0), sit in one batch as rows i and B + i on the
@@ -58,23 +61,16 @@ class Settings:
 
 @dataclasses.dataclass
 class Decoded:
-    """One row's output: the generated ids (through the first end-of-sequence token, if any) and,
-    per generated token, log p of it under the model's unfiltered distribution.
-
-    Co-decoding fills `logprobs` with the reference's (log πref) and adds `base_logprobs`
-    (log π0), `base_top1` (max_v π0(v)), `n_candidates` (|C_t|), and the correction test's
-    signals `ref_logprob_base_choice` (log πref(v0), v0 = argmax π0: what the base would have
-    written) and `ref_top1` (log max_v πref(v)).
-    """
+    """One row's output: the generated ids (through the first end-of-sequence token, if any),
+    per generated token its log-prob under the decoding context's unfiltered distribution (the
+    reference's, in co-decoding), and in co-decoding the signals of `dasd_jax/signals.py` it
+    computes anyway (base_logprob, base_top1, n_candidates, ref_logprob_base_choice, ref_top1),
+    by name, one value per generated token."""
 
     tokens: list[int]
     logprobs: list[float]
     finished: bool
-    base_logprobs: list[float] | None = None
-    base_top1: list[float] | None = None
-    n_candidates: list[int] | None = None
-    ref_logprob_base_choice: list[float] | None = None
-    ref_top1: list[float] | None = None
+    signals: dict[str, list] = dataclasses.field(default_factory=dict)
 
 
 def stop_ids(cfg: model.ModelConfig, tokenizer) -> tuple[int, ...]:
@@ -119,7 +115,7 @@ def _plain_step(logits: Array, rng: Array, settings: Settings):
     tokens = choose(logits, rng, settings)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     picked = jnp.take_along_axis(log_probs, tokens[:, None], -1)[:, 0]
-    return tokens, tokens, {"logprobs": picked}
+    return tokens, tokens, {"logprob": picked}
 
 
 def _codecode_step(logits: Array, rng: Array, settings: Settings):
@@ -134,9 +130,9 @@ def _codecode_step(logits: Array, rng: Array, settings: Settings):
         candidates &= ref_log_probs >= kth
     restricted = jnp.where(candidates, base_logits, -jnp.inf)
     tokens = choose(restricted, rng, settings)
-    pick = lambda table, ids: jnp.take_along_axis(table, ids[:, None], -1)[:, 0]  # noqa: E731
+    pick = lambda table, ids: jnp.take_along_axis(table, ids[:, None], -1)[:, 0]
     base_choice = jnp.argmax(base_log_probs, -1)
-    records = {"logprobs": pick(ref_log_probs, tokens), "base_logprobs": pick(base_log_probs, tokens),
+    records = {"logprob": pick(ref_log_probs, tokens), "base_logprob": pick(base_log_probs, tokens),
                "base_top1": jnp.exp(jnp.max(base_log_probs, -1)),
                "n_candidates": jnp.sum(candidates, -1).astype(jnp.int32),
                "ref_logprob_base_choice": pick(ref_log_probs, base_choice),
@@ -299,10 +295,12 @@ def _results(state: dict, rows: Sequence[int], settings: Settings) -> list[Decod
     eos = set(settings.eos_ids)
     out = []
     for i in range(len(index)):
-        emitted = tokens[i, :int(count[i])]
+        emitted, length = tokens[i, :int(count[i])], int(count[i])
         finished = bool(len(emitted)) and int(emitted[-1]) in eos
         out.append(Decoded(tokens=emitted.tolist(), finished=finished,
-                           **{k: v[i, :int(count[i])].tolist() for k, v in records.items()}))
+                           logprobs=records["logprob"][i, :length].tolist(),
+                           signals={k: v[i, :length].tolist() for k, v in records.items()
+                                    if k != "logprob"}))
     return out
 
 
@@ -358,7 +356,8 @@ def _idle_state(cfg, step_kind, settings, examples: int, pairs: int, cache_lengt
 
     if mesh is None:
         return build(rng)
-    return jax.jit(build, out_shardings=decode_state_shardings(mesh, jax.eval_shape(build, rng)))(rng)
+    shardings = decode_state_shardings(mesh, jax.eval_shape(build, rng))
+    return jax.jit(build, out_shardings=shardings)(rng)
 
 
 def decode_state_shardings(mesh, state: dict) -> dict:

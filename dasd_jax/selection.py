@@ -37,11 +37,13 @@ Prompt and padding tokens (`loss_mask` False) never get weight.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import collections
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from dasd_jax import signals
 from dasd_jax.errors import UserError
 
 Array = jax.Array
@@ -50,27 +52,18 @@ CORRECTION_TESTS = ("veto", "base_unsure", "reference_confident")
 FALLBACKS = ("rule", "ppl_filter", "drop", "all")
 
 
-class Signals(NamedTuple):
-    """Per-token inputs to selection; all float32 of one shape, `None` when not computed.
+TRAINEE = ("trainee_logprob", "trainee_top1")  # the current trainee's, computed in the step
+Signals = collections.namedtuple(
+    "Signals", (*signals.MASKS, *signals.TRAINED, *TRAINEE),
+    defaults=(None,) * (len(signals.MASKS) + len(signals.TRAINED) + len(TRAINEE) - 1))
+Signals.__doc__ = """Per-token inputs to selection, all of one shape; `None` where not computed.
 
-    loss_mask: bool, True on response targets (never on prompt or padding).
-    fallback / structural: bool, response targets of a fallback line / structural targets.
-    base_logprob / base_top1: log π0(ŷ_t) and max_v π0(v) under the base.
-    ref_logprob: log πref(ŷ_t) recorded by the rewrite; NaN where there is none.
-    ref_logprob_base_choice / ref_top1: log πref(argmax π0) and log max πref, likewise.
-    trainee_logprob / trainee_top1: the same under the current trainee, without gradient.
-    """
-
-    loss_mask: Array
-    base_logprob: Array | None = None
-    base_top1: Array | None = None
-    ref_logprob: Array | None = None
-    trainee_logprob: Array | None = None
-    trainee_top1: Array | None = None
-    ref_logprob_base_choice: Array | None = None
-    ref_top1: Array | None = None
-    fallback: Array | None = None
-    structural: Array | None = None
+loss_mask: bool, True on response targets (never on prompt or padding); fallback / structural:
+bool, response targets of a fallback line / structural targets; every trained signal of
+`dasd_jax/signals.py` (ref_logprob, base_logprob, base_top1, ref_logprob_base_choice, ref_top1:
+float32, NaN where none was recorded; base_* from the frozen base forward or the records);
+trainee_logprob / trainee_top1: log πθ(ŷ_t) and max_v πθ(v) of the current trainee, without
+gradient."""
 
 
 def validate(config: Any) -> None:

@@ -46,7 +46,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(shape: Sequence[int] = (1, -1, 1),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one entry of `shape` may be -1 for "all remaining devices".
 
     The default puts every device on `fsdp`.
@@ -101,7 +102,8 @@ def logical_to_physical(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh
 def tree_shardings(logical_tree, shape_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedSharding pytree for a pytree of logical PartitionSpecs and matching shapes."""
     return jax.tree.map(
-        lambda logical, leaf: NamedSharding(mesh, logical_to_physical(logical, leaf.shape, mesh, rules)),
+        lambda logical, leaf: NamedSharding(
+            mesh, logical_to_physical(logical, leaf.shape, mesh, rules)),
         logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
@@ -126,7 +128,8 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def place(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global jax.Array from a host array every process holds whole; each device gets its slice."""
+    """A global jax.Array from a host array every process holds whole; each device gets its
+    slice."""
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 
@@ -145,6 +148,13 @@ class MeshJit:
     def lower(self, *args):
         with activation_rules(self.mesh, self.rules):
             return self.jitted.lower(*args)
+
+
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs of a pytree of shapes (`jax.eval_shape`'s) laid out by `shardings`:
+    what a program is lowered for, or a checkpoint restored into, without allocating."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
 
 
 def mesh_of(tree) -> Mesh | None:

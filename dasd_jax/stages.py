@@ -1,221 +1,53 @@
-"""What every stage's command line shares: the --config flag, paths, and the model it runs on.
+"""What every stage function shares (train, rewrite, evaluate, analyze):
 
-    python -m dasd_jax.<stage> --config=configs/math.py[:variant] [--config.a.b=value]
+    @stages.stage("train")
+    def train(config) -> dict: ...     # gets the resolved, frozen config, its output locked
+
+its config is resolved and frozen before any work (`run_config.resolve`, with what the stage
+needs checked); a dry run compiles the pipeline for `compile_for` instead of running it
+(`fit_check`); otherwise the stage holds the lock of what it writes while it runs
+(`workdir_lock`: a second process on the same output is refused in one line), a write that
+fails for want of space ends it in one line (`disk.DiskFull`, naming what re-running picks
+up), and the memory it freed is given back however it ends (`host_memory`).
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import os
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from dasd_jax import disk, fit_check, host_memory, run_config, workdir_lock
 
-from dasd_jax import char_tokenizer, hf, model, sharding, targets, validation
-from dasd_jax.errors import CheckpointError, UserError, exit_on_user_error
-from dasd_jax.tasks import synthetic
+# stage -> (the lock file of what it writes, what that is) of a resolved config
+LOCKS: dict[str, Callable[[Any], tuple[Path, str]]] = {
+    "train": lambda c: (Path(c.workdir) / workdir_lock.LOCK_NAME, f"the workdir {c.workdir}"),
+    "rewrite": lambda c: (Path(f"{c.rewrite.output}.lock"),
+                          f"the rewrite file {c.rewrite.output}"),
+    "evaluate": lambda c: (Path(c.eval.output) / workdir_lock.LOCK_NAME,
+                           f"the evaluation folder {c.eval.output}"),
+    "analyze": lambda c: (Path(c.analyze.output) / workdir_lock.LOCK_NAME,
+                          f"the analysis folder {c.analyze.output}"),
+}
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Task config, e.g. configs/math.py:tiny",
-                                         lock_config=True)
-
-
-def run(stage: Callable[[Any], object], finalize_config: bool = True) -> None:
-    """`app.run` for a stage's `stage(config)`: bad input (flags, the config file, any field's
-    value) prints one line and exits 2 before any work starts. The stage gets the finalized
-    config (`finalize`), or with finalize_config=False the validated one as given."""
-
-    @exit_on_user_error
-    def main(argv) -> None:
-        if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}; settings go in --config.a.b=value")
-        if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
-            absl_logging.set_verbosity(absl_logging.WARNING)
-        if CONFIG.value is None:
-            raise UserError("--config is required, e.g. --config=configs/math.py:tiny")
-        config = CONFIG.value
-        if finalize_config:
-            config = finalize(config)
-        else:
-            validation.validate(config)
-        initialize_distributed(config)
-        stage(config)
-
-    app.run(main, flags_parser=parse_flags)
+# stage -> what running the same command again does after it stopped short
+RESUMES = {"train": "training resumes from its last finished checkpoint",
+           "rewrite": "the rewrite skips the records it has written",
+           "evaluate": "the evaluation runs again", "analyze": "the analysis runs again"}
 
 
-@exit_on_user_error
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with the --config file and every --config.a.b override checked
-    first, so that each mistake is one line naming the flag (not a traceback)."""
-    check_command_line(argv)
-    try:
-        return flags.FLAGS(argv)
-    except Exception as error:  # noqa: BLE001 - absl and ml_collections raise many kinds
-        raise UserError(" ".join(str(error).split())) from None
+def stage(name: str) -> Callable:
+    def decorate(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        @functools.wraps(run)
+        @host_memory.released
+        def resolved_run(config: Any) -> Any:
+            config = run_config.resolve(config, name)
+            if config.dry_run:
+                return fit_check.check(config)
+            lock, what = LOCKS[name](config)
+            with workdir_lock.held(lock, what), disk.guard(lock.parent, what, RESUMES[name]):
+                return run(config)
 
+        return resolved_run
 
-def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(the --config value, the dotted names of the --config.a.b overrides)."""
-    value, overrides = None, []
-    for i, arg in enumerate(argv[1:], start=1):
-        if arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        elif arg.startswith("--config."):
-            overrides.append(arg[len("--config."):].split("=", 1)[0])
-    return value, overrides
-
-
-def check_command_line(argv: list[str]) -> None:
-    """UserError for a --config file that is missing or does not load, an unknown variant, or an
-    override that names no field of it (with the closest field names)."""
-    value, overrides = _config_arguments(argv)
-    if value is None:
-        return
-    path, _, variant = value.partition(":")
-    if not Path(path).is_file():
-        raise UserError(f"--config={value}: no config file at {path} (relative to {Path.cwd()}); "
-                        "the task configs are configs/math.py, configs/code.py and "
-                        "configs/commonsense.py")
-    spec = importlib.util.spec_from_file_location("_dasd_jax_config_check", path)
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(variant) if variant else module.get_config()
-    except UserError as error:
-        raise UserError(f"--config={value}: {error}") from None
-    except Exception as error:  # noqa: BLE001 - whatever the config file raised
-        raise UserError(f"--config={value} does not load: {type(error).__name__}: "
-                        f"{' '.join(str(error).split())}") from None
-    for dotted in overrides:
-        node = config
-        for depth, part in enumerate(dotted.split(".")):
-            if not hasattr(node, "keys") or part not in node:
-                where = ".".join(dotted.split(".")[:depth]) or "the config"
-                close = difflib.get_close_matches(part, list(node.keys()), n=3) if hasattr(
-                    node, "keys") else []
-                hint = f"; did you mean {' or '.join(close)}?" if close else ""
-                raise UserError(f"--config.{dotted}: {where} has no field {part!r}{hint} "
-                                "(every field is in dasd_jax/config_defaults.py)")
-            node = node[part]
-
-
-def _cluster_detected() -> bool:
-    """Whether JAX can find its peers by itself: a multi-host TPU slice or a multi-task SLURM job."""
-    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    return len(tpu_hosts) > 1 or (slurm_tasks > 1 and "SLURM_PROCID" in os.environ)
-
-
-def initialize_distributed(config: Any) -> None:
-    """`jax.distributed.initialize` for a multi-host run; nothing for a single process.
-
-    Explicit `distributed.coordinator`, `num_processes`, `process_id` win; otherwise TPU pods and
-    SLURM jobs are detected from their environment. Must run before JAX touches a device.
-    """
-    settings = config.distributed
-    if settings.coordinator:
-        if settings.num_processes < 1 or not 0 <= settings.process_id < settings.num_processes:
-            raise UserError(
-                "--config.distributed.coordinator needs --config.distributed.num_processes=N "
-                "and --config.distributed.process_id=i with 0 <= i < N")
-        jax.distributed.initialize(
-            settings.coordinator, settings.num_processes, settings.process_id,
-            initialization_timeout=settings.initialization_timeout)
-    elif _cluster_detected():
-        jax.distributed.initialize(initialization_timeout=settings.initialization_timeout)
-
-
-PATH_FIELDS = ("data.path", "data.eval_path", "rewrite.input", "rewrite.output",
-               "eval.checkpoint", "eval.baseline", "eval.predictions", "eval.output",
-               "analyze.sources", "analyze.output", "demo.cache_dir")
-
-
-def finalize(config: Any) -> Any:
-    """The config a stage runs on: every field validated (`validation.validate`), "{workdir}" in
-    every path field (PATH_FIELDS and eval.paths.*) replaced by the workdir, and a leading "~"
-    expanded. A copy; finalizing twice changes nothing."""
-    validation.validate(config)
-    config = config.copy_and_resolve_references()
-    workdir = os.path.expanduser(str(config.workdir)) if config.workdir else ""
-    config.workdir = workdir
-
-    def resolved(value: str) -> str:
-        value = value.replace("{workdir}", workdir)
-        return os.path.expanduser(value) if value.startswith("~") else value
-
-    for dotted in PATH_FIELDS:
-        section, name = dotted.split(".")
-        if section in config and isinstance(config[section].get(name), str):
-            config[section][name] = resolved(config[section][name])
-    if "eval" in config:
-        for task, path in config.eval.paths.items():
-            config.eval.paths[task] = resolved(path or "")
-    return config
-
-
-def load_model(config: Any, mesh):
-    """(cfg, params, tokenizer): from `model.path`, or random from `model.random`."""
-    if config.model.path:
-        try:
-            cfg, params = hf.load(config.model.path, dtype=config.model.param_dtype, mesh=mesh,
-                                  rules=config.mesh.rules)
-            tokenizer = hf.load_tokenizer(config.model.path, cfg)
-        except CheckpointError as error:
-            raise CheckpointError(f"--config.model.path: {error}") from None
-        return cfg.replace(platform=targets.platform_for(config)), params, tokenizer
-    tokenizer = random_tokenizer(config)
-    cfg = random_model_config(config, tokenizer)
-    init = jax.jit(model.init, static_argnums=0,
-                   out_shardings=sharding.param_shardings(cfg, mesh, config.mesh.rules))
-    return cfg, init(cfg, jax.random.key(config.seed)), tokenizer
-
-
-def random_tokenizer(config: Any):
-    """The tokenizer of a random model (`model.path` ""): `model.random_tokenizer` "characters",
-    or "synthetic" (characters plus the synthetic world's words and numbers as single tokens)."""
-    kind = config.model.random_tokenizer
-    if kind == "characters":
-        return char_tokenizer.build()
-    if kind == "synthetic":
-        return synthetic.tokenizer()
-    raise UserError(f"--config.model.random_tokenizer={kind!r}: choose characters or synthetic")
-
-
-def random_model_config(config: Any, tokenizer) -> model.ModelConfig:
-    return model.ModelConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-        param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
-        platform=targets.platform_for(config), **config.model.random.to_dict(),
-    )
-
-
-def model_config_and_tokenizer(config: Any):
-    """(ModelConfig, tokenizer) of `model.path` (or the random model) without reading weights."""
-    cfg = model_config_only(config)
-    if not config.model.path:
-        return cfg, random_tokenizer(config)
-    try:
-        return cfg, hf.load_tokenizer(hf.resolve(config.model.path), cfg)
-    except CheckpointError as error:
-        raise CheckpointError(f"--config.model.path: {error}") from None
-
-
-def model_config_only(config: Any) -> model.ModelConfig:
-    """The ModelConfig without reading any weights (for dry runs)."""
-    if not config.model.path:
-        return random_model_config(config, random_tokenizer(config))
-    try:
-        directory = hf.resolve(config.model.path)
-    except CheckpointError as error:
-        raise CheckpointError(f"--config.model.path: {error}") from None
-    return hf.config_from_hf(hf.read_config(directory), config.model.param_dtype).replace(
-        platform=targets.platform_for(config))
-
+    return decorate

@@ -28,14 +28,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dasd_jax import lora, losses, model, selection, sharding
+from dasd_jax import lora, losses, model, run_config, selection, sharding, signals
 from dasd_jax.metrics import step_flops
-from dasd_jax.errors import UserError
 
 Array = jax.Array
 PyTree = Any
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "fallback", "structural", "ref_logprob",
-              "base_logprob", "base_top1", "ref_logprob_base_choice", "ref_top1")
+BATCH_KEYS = signals.BATCH_KEYS
 
 
 @flax.struct.dataclass
@@ -51,9 +49,6 @@ class TrainState:
 
 def learning_rate_schedule(train: Any) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate`, then cosine to `learning_rate * end_lr_ratio`."""
-    if train.steps <= train.warmup_steps:
-        raise UserError(f"--config.train.steps={train.steps} must exceed "
-                        f"--config.train.warmup_steps={train.warmup_steps}")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
         decay_steps=train.steps, end_value=train.learning_rate * train.end_lr_ratio,
@@ -104,8 +99,7 @@ def frozen_base_config(config: Any, cfg: model.ModelConfig) -> model.ModelConfig
 
 
 def uses_base_model(config: Any) -> bool:
-    """Whether the step runs the frozen base forward (train.base_confidence "auto" counts as
-    "model" until the trainer has decided it)."""
+    """Whether the step runs the frozen base forward."""
     return config.train.base_confidence != "cached" and "base" in selection.needs(
         config.selection.rule, config.selection)
 
@@ -115,17 +109,6 @@ def needs_base_params(config: Any) -> bool:
     return uses_lora(config) or uses_base_model(config)
 
 
-def check_batch_layout(config: Any, mesh) -> None:
-    """UserError unless each micro-batch splits evenly over the mesh's batch axes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch, remainder = divmod(config.train.batch_size, config.train.micro_batches)
-    if remainder or micro_batch % shards:
-        raise UserError(
-            f"--config.train.batch_size={config.train.batch_size} / --config.train.micro_batches="
-            f"{config.train.micro_batches} must be a whole multiple of the mesh's data x fsdp size "
-            f"{shards} (mesh {dict(mesh.shape)}), so that every device works on its own examples")
-
-
 # ----------------------------------------------------------------------------- the step
 
 
@@ -133,9 +116,6 @@ def _micro_batches(batch: dict, count: int) -> dict:
     """[B, ...] -> [count, B // count, ...]; micro-batch i holds examples i, i+count, ... so each
     keeps the batch's device layout."""
     def split(x):
-        if x.shape[0] % count:
-            raise UserError(f"--config.train.batch_size={x.shape[0]} is not divisible by "
-                            f"--config.train.micro_batches={count}")
         return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
     return jax.tree.map(split, batch)
 
@@ -158,11 +138,10 @@ def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Sig
     """Signals of one micro-batch: every field float32[b, T] (None when the rule needs none)."""
     rule, chunk = config.selection.rule, config.train.loss_chunk
     needed = selection.needs(rule, config.selection)
-    found = {key: batch[key] for key in ("loss_mask", "fallback", "structural", "ref_logprob",
-                                         "ref_logprob_base_choice", "ref_top1")}
-    if config.train.base_confidence == "cached":
-        found.update(base_logprob=batch["base_logprob"], base_top1=batch["base_top1"])
-    elif "base" in needed:
+    recorded = [name for name in signals.TRAINED
+                if name not in signals.BASE or config.train.base_confidence == "cached"]
+    found = {key: batch[key] for key in (*signals.MASKS, *recorded)}
+    if config.train.base_confidence != "cached" and "base" in needed:
         stats = _target_stats(base_cfg, base_params, batch, chunk, ("logprob", "top1"))
         found.update({f"base_{k}": jax.lax.stop_gradient(v) for k, v in stats.items()})
     if "trainee" in needed:
@@ -175,7 +154,7 @@ def _signals(config, cfg, base_cfg, params, base_params, batch) -> selection.Sig
 def _selection_metrics(config, signals: selection.Signals, weights: Array) -> dict[str, Array]:
     mask = signals.loss_mask
     responses = jnp.maximum(jnp.sum(mask), 1)
-    fraction = lambda m: jnp.sum(m & mask) / responses  # noqa: E731
+    fraction = lambda m: jnp.sum(m & mask) / responses
     metrics = {"kept_ratio": fraction(weights > 0), "response_tokens": jnp.sum(mask)}
     if signals.base_logprob is not None:
         metrics["high_ppl_10"] = fraction(signals.base_logprob < jnp.log(0.1))
@@ -219,16 +198,6 @@ def _loss_and_metrics_fn(config: Any, cfg: model.ModelConfig):
     return signals_and_weights, micro_loss
 
 
-def with_rho(config: Any, alpha: float | None = None) -> Any:
-    """`config` with selection.rho set when unset: to `alpha` (the alpha a rewrite file was
-    written with, `rewrite.recorded_alpha`) or else to rewrite.alpha."""
-    if config.selection.rho is not None:
-        return config
-    config = config.copy_and_resolve_references()
-    config.selection.rho = float(config.rewrite.alpha if alpha is None else alpha)
-    return config
-
-
 # ----------------------------------------------------------------------------- the set-up
 
 
@@ -238,8 +207,8 @@ class StepSetup:
     benchmarks and the tests all take it from there): the configs, the optimizer and schedule,
     every sharding, the jitted train and eval steps, the FLOPs of a step.
 
-    config: the run's config with selection.rho resolved; trainee / base: the ModelConfigs of
-    the trained model and of the frozen base forward.
+    config: the run's resolved, frozen config; trainee / base: the ModelConfigs of the trained
+    model and of the frozen base forward.
     """
 
     config: Any
@@ -313,14 +282,15 @@ class StepSetup:
         array split over the mesh's batch axes."""
         return {key: sharding.place(batch[key], self.batch_shardings[key]) for key in BATCH_KEYS}
 
-    def trained_model(self, state: TrainState,
+    def trained_model(self, trainable: PyTree,
                       base_params: PyTree | None) -> tuple[model.ModelConfig, PyTree]:
-        """(cfg, params) of the trained model as a plain one: with LoRA the adapters merged
-        into the frozen base (one new array per targeted kernel), otherwise the state's."""
+        """(cfg, params) of the trained model as a plain one, from the trained params
+        (`TrainState.params`): with LoRA the adapters merged into the frozen base (one new array
+        per targeted kernel), otherwise those params themselves."""
         if self.lora:
             return (model.adapters_off(self.trainee),
-                    lora.merge(self.trainee, base_params, state.params))
-        return self.trainee, state.params
+                    lora.merge(self.trainee, base_params, trainable))
+        return self.trainee, trainable
 
     def flops(self, batch_size: int, seq_len: int) -> float:
         """Model FLOPs of one step on a [batch_size, seq_len] batch (metrics.step_flops)."""
@@ -331,16 +301,14 @@ class StepSetup:
 
     def abstract_inputs(self, batch_size: int, seq_len: int):
         """ShapeDtypeStructs (with shardings) of the train step's (state, base, batch)."""
-        with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
         trainable = self.trainable_shapes()
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                            opt_state=jax.eval_shape(self.optimizer.init, trainable),
                            rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
         base = (None if self.base_shardings is None else
                 jax.tree.map(with_sharding, model.param_shapes(self.base), self.base_shardings))
-        dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_,
-                  "fallback": jnp.bool_, "structural": jnp.bool_}
-        batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes.get(key, jnp.float32),
+        batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), signals.BATCH_DTYPES[key],
                                            sharding=self.batch_shardings[key])
                  for key in BATCH_KEYS}
         return jax.tree.map(with_sharding, state, self.state_shardings), base, batch
@@ -348,7 +316,7 @@ class StepSetup:
     def weight_bytes(self) -> int:
         """Bytes of the trainable params, optimizer state and frozen base params, all devices
         together (what stays in memory between steps, activations aside)."""
-        size = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize  # noqa: E731
+        size = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize
                                 for x in jax.tree.leaves(tree))
         trainable = self.trainable_shapes()
         base = model.param_shapes(self.base) if self.base_shardings is not None else {}
@@ -383,9 +351,12 @@ class StepSetup:
 
 
 def setup(config: Any, cfg: model.ModelConfig, mesh) -> StepSetup:
-    """The StepSetup of a run: `cfg` is the loaded model's ModelConfig (as `hf.load` gives it)."""
-    config = with_rho(config)
-    selection.validate(config.selection)
+    """The StepSetup of a run: `cfg` is the loaded model's ModelConfig (as `hf.load` gives it);
+    `config` is resolved and frozen here (for `mesh`'s shape) unless it was
+    (`run_config.resolve`), so the jitted steps close over frozen values only."""
+    if not config.get(run_config.RESOLVED):
+        config = run_config.resolve(
+            run_config.replaced_fields(config, {"mesh.shape": tuple(mesh.devices.shape)}))
     trainee, base = trainee_config(config, cfg), frozen_base_config(config, cfg)
     rules = config.mesh.rules
     optimizer = make_optimizer(config.train)
@@ -408,11 +379,6 @@ def setup(config: Any, cfg: model.ModelConfig, mesh) -> StepSetup:
         base_shardings=(sharding.param_shardings(base, mesh, rules)
                         if needs_base_params(config) else None),
         batch_shardings={key: sharding.batch_sharding(mesh) for key in BATCH_KEYS})
-
-
-def make_train_step(config: Any, cfg: model.ModelConfig, mesh) -> Callable:
-    """`setup(config, cfg, mesh).train_step`."""
-    return setup(config, cfg, mesh).train_step
 
 
 def _train_step(run: StepSetup) -> Callable:
@@ -444,7 +410,7 @@ def _train_step(run: StepSetup) -> Callable:
         # A non-finite loss or gradient skips the update: the state (and so every checkpoint)
         # stays the last finite one while the host, which sees the flag a step later, stops.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(finite, new, old)
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
 

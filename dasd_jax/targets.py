@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -186,6 +187,17 @@ def platform_for(config) -> str:
     if not name:
         return ""
     return "tpu" if re.match(r"v\d", name) else "gpu"
+
+
+def device_count(name: str) -> int | None:
+    """The devices a target name has (one per TPU chip, one per GPU), without building it;
+    None for "" (this machine) and for names that are no target."""
+    name = (topology_name(name.strip()) or name.strip()).lower()
+    tpu = re.fullmatch(r"(?:v4|v5p|v5e|v6e):(\d+(?:x\d+){1,2})", name)
+    gpu = re.fullmatch(r"(?:h100|h200|a100)x(\d+)", name)
+    if tpu:
+        return math.prod(int(size) for size in tpu.group(1).split("x"))
+    return int(gpu.group(1)) if gpu else None
 
 
 # ----------------------------------------------------------------------------- resolving a name

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-from dasd_jax import (checkpoint, data, fit_check, hf, host_memory, lora, metrics, model, rewrite,
-                      sampling, sharding, stages, step)
-from dasd_jax.errors import TrainingDiverged, UserError
+from dasd_jax import (checkpoint, cli, data, disk, hf, loading, metrics, model, run_config,
+                      sampling, sharding, signals, stages, step)
+from dasd_jax.errors import TrainingDiverged
 
 LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift", "grad_norm",
           "tokens_per_s", "mfu")
@@ -33,60 +34,29 @@ LOGGED = ("loss", "response_nll", "kept_ratio", "aligned", "correction", "drift"
 
 
 def load_examples(config: Any, tokenizer, *, evaluation: bool, stop_ids=()):
+    """The training (or, `evaluation`, the held-out) examples; None when data.eval_path is
+    unset, or when its records lack the base signals that a cached base confidence reads."""
     path = config.data.eval_path if evaluation else config.data.path
     target = config.data.eval_target if evaluation else config.data.target
     if not path:
-        if evaluation:
-            return None
-        raise UserError("--config.data.path is required (a JSONL file, a save_to_disk dataset, "
-                        "hf:NAME[:CONFIG] or 'synthetic')")
+        return None
     records = data.load_records(
         path, config.data.eval_split if evaluation else config.data.split, config.data.fields,
         generated_examples=(config.data.generated_eval_examples if evaluation
                             else config.data.generated_examples),
         seed=config.seed + (1 if evaluation else 0), target=target,
     )
-    data_config = config.data.copy_and_resolve_references()
-    data_config.target = target
-    examples, _ = data.tokenize(records, tokenizer, data_config, stop_ids=stop_ids)
+    examples, _ = data.tokenize(records, tokenizer, run_config.replaced(config.data, target=target),
+                                stop_ids=stop_ids)
     if config.train.base_confidence == "cached":
         if not evaluation:
             data.check_cached_base_signals(examples)
-        elif not (data.has_values(examples, "base_logprob") and data.has_values(examples, "base_top1")):
-            absl_logging.warning("evaluation skipped: --config.data.eval_path records lack the base "
-                                 "signals that --config.train.base_confidence=cached reads")
+        elif not data.has_values(examples, *signals.BASE):
+            absl_logging.warning("evaluation skipped: --config.data.eval_path records lack the "
+                                 "base signals that --config.train.base_confidence=cached "
+                                 "reads")
             return None
     return examples
-
-
-def resolve_base_confidence(config: Any, examples, eval_examples) -> Any:
-    """`config` with train.base_confidence "auto" decided: "cached" (the step reads the base
-    signals the rewrite recorded and runs no base forward) when the training file was rewritten
-    by this very model and every example, held-out ones too, carries them on its target;
-    "model" otherwise."""
-    if config.train.base_confidence != "auto":
-        return config
-    carried = lambda found: found is None or (  # noqa: E731
-        data.has_values(found, "base_logprob") and data.has_values(found, "base_top1"))
-    cached = (config.data.target == "response" and rewrite.written_by(config.data.path, config)
-              and carried(examples) and carried(eval_examples))
-    config = config.copy_and_resolve_references()
-    config.train.base_confidence = "cached" if cached else "model"
-    absl_logging.warning("train.base_confidence=auto: %s", "the rewrite's recorded base signals"
-                         if cached else "the base forward in the step")
-    return config
-
-
-def validate(config: Any) -> None:
-    if not config.workdir and not config.dry_run:
-        raise UserError("--config.workdir is required: where checkpoints, metrics.jsonl and the "
-                        "HF export go")
-    if config.train.loss_normalization not in ("selected", "response"):
-        raise UserError("--config.train.loss_normalization must be 'selected' or 'response'")
-    if max(config.data.buckets) < config.data.max_seq_len:
-        raise UserError(f"--config.data.buckets {tuple(config.data.buckets)} must include a length "
-                        f">= --config.data.max_seq_len={config.data.max_seq_len}")
-    lora.model_fields(config.lora)
 
 
 # ----------------------------------------------------------------------------- training
@@ -149,24 +119,16 @@ def held_out_loss(config, run: step.StepSetup, state, base_params, examples) -> 
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
-@host_memory.released
+@stages.stage("train")
 def train(config: Any) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics."""
-    config = stages.finalize(config)
-    validate(config)
-    config = step.with_rho(config, rewrite.recorded_alpha(
-        config.data.path))
-    if config.dry_run:
-        return fit_check.check(config)
     mesh = sharding.make_mesh(config.mesh.shape)
-    step.check_batch_layout(config, mesh)
-    workdir = Path(config.workdir).expanduser()
+    workdir = Path(config.workdir)
     primary = jax.process_index() == 0
-    cfg, params, tokenizer = stages.load_model(config, mesh)
+    cfg, params, tokenizer = loading.load_model(config, mesh)
     stop_ids = sampling.stop_ids(cfg, tokenizer)
     examples = load_examples(config, tokenizer, evaluation=False, stop_ids=stop_ids)
     eval_examples = load_examples(config, tokenizer, evaluation=True, stop_ids=stop_ids)
-    config = resolve_base_confidence(config, examples, eval_examples)
 
     run = step.setup(config, cfg, mesh)
     base_params = run.base_params(params)
@@ -177,8 +139,9 @@ def train(config: Any) -> dict[str, float]:
                                           async_save=config.checkpoint.async_save)
     data_state = None
     if checkpoints.latest_step() is not None:
-        state, data_state = checkpoints.restore(state)
-        absl_logging.warning("resumed from step %d", int(state.step))
+        state, data_state, restored = checkpoints.restore(
+            state, config.checkpoint.resume_step or None)
+        absl_logging.warning("resumed from step %d", restored)
     start = int(state.step)
     batches = data.Batches(examples, config.train.batch_size, config.seed, config.data.buckets,
                            pad_id=cfg.pad_token_id or 0, state=data_state,
@@ -200,7 +163,8 @@ def train(config: Any) -> dict[str, float]:
             state, step_metrics = run.train_step(state, base_params, run.place(batch))
             done = current + 1
             log_now = done % config.train.log_every == 0 or done == config.train.steps
-            eval_now = evaluating and config.train.eval_every and done % config.train.eval_every == 0
+            eval_now = (evaluating and config.train.eval_every
+                        and done % config.train.eval_every == 0)
             guard.after_step(done, step_metrics, now=(
                 log_now or eval_now or done % config.checkpoint.every == 0))
             window.add(step_metrics, batch["tokens"].shape, first_of_run=current == start,
@@ -242,7 +206,12 @@ def train(config: Any) -> dict[str, float]:
 def export(config: Any, trainee: model.ModelConfig, state: step.TrainState, base_params,
            tokenizer, workdir: Path) -> None:
     """`{workdir}/hf`, the trained model as an HF checkpoint (LoRA adapters merged in), and with
-    LoRA and `lora.export_adapters` also `{workdir}/adapters` in PEFT's layout."""
+    LoRA and `lora.export_adapters` also `{workdir}/adapters` in PEFT's layout. DiskFull, before
+    writing, when the disk lacks room for the weights."""
+    size = trainee.num_params * jnp.dtype(config.checkpoint.export_dtype).itemsize
+    if jax.process_index() == 0:
+        disk.require(workdir, size, "the HF export", "training ends at once from its final "
+                     "checkpoint and exports")
     if not step.uses_lora(config):
         hf.save(workdir / "hf", trainee, state.params, tokenizer=tokenizer,
                 dtype=config.checkpoint.export_dtype)
@@ -262,4 +231,4 @@ def main(config: Any) -> None:
 
 
 if __name__ == "__main__":
-    stages.run(main)
+    cli.run(main)

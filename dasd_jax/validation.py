@@ -1,21 +1,25 @@
-"""Every config field checked before any work starts: one line naming the flag and the fix.
+"""Every config rule, checked in this one place before any work starts: one line naming the flag
+and the fix.
 
-    validation.validate(config)   # raises UserError("--config.train.learning_rate=-0.1: ...")
+    validation.validate(config)              # raises UserError("--config.train.learning_rate=...")
+    validation.validate(config, "train")     # and what the train stage needs (a workdir, data)
 
-`FIELDS` maps each dotted field name to a rule; a field the config lacks is skipped (task configs
-may leave sections out), a field not in `FIELDS` is not checked. The stage modules still guard
-their own inputs when called as a library; this is what the command lines run first.
+`FIELDS` maps each dotted field name to a rule on its value; `_check_relations` holds the rules
+on several fields together and `STAGE_NEEDS` what a stage cannot run without. A field the config
+lacks is skipped (task configs may leave sections out). `run_config.resolve` runs this first, so
+the stages and the step they build assume a valid config and check nothing again.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from dasd_jax import model, selection, targets
+from dasd_jax import data, model, selection, targets
 from dasd_jax.errors import UserError
-from dasd_jax.tasks import registry
+from dasd_jax.tasks import registry, scoring
 
 DTYPES = ("float32", "bfloat16", "float16")
+REWRITE_MODES = ("sdft", "dasd")
 Rule = Callable[[Any], str | None]  # value -> what is wrong with it, or None
 
 
@@ -90,14 +94,15 @@ FIELDS: dict[str, Rule] = {
     "model.compute_dtype": one_of(*DTYPES), "model.remat_policy": one_of(*model.REMAT_POLICIES),
     "model.attention_impl": one_of(*model.ATTENTION_IMPLS), "compile_for": text,
     "model.platform": one_of("auto", *targets.PLATFORMS),
-    "model.random_tokenizer": one_of("characters", "synthetic"),
+    "model.random_tokenizer": one_of("characters", *registry.names("tokenizers")),
     "mesh.shape": mesh_shape,
-    "data.split": text, "data.eval_path": text, "data.target": one_of("response", "reference"),
-    "data.eval_target": one_of("response", "reference"), "data.generated_examples": POSITIVE,
+    "data.split": text, "data.eval_path": text, "data.target": one_of(*data.TARGETS),
+    "data.eval_target": one_of(*data.TARGETS), "data.generated_examples": POSITIVE,
     "data.generated_eval_examples": POSITIVE, "data.max_seq_len": POSITIVE,
-    "data.buckets": buckets, "data.overlong": one_of("truncate", "drop"),
+    "data.buckets": buckets, "data.overlong": one_of(*data.OVERLONG),
     "data.group_by_length": POSITIVE, "data.chat_template": boolean,
-    "rewrite.mode": one_of("sdft", "dasd"), "rewrite.task": one_of(*registry.rewrite_families()),
+    "rewrite.mode": one_of(*REWRITE_MODES),
+    "rewrite.task": one_of(*registry.rewrite_families()),
     "rewrite.alpha": within(0.0, 1.0, low_open=True),
     "rewrite.candidate_top_k": COUNT, "rewrite.sure_reference": within(0.0, 1.0, low_open=True),
     "rewrite.temperature": at_least(0.0),
@@ -115,7 +120,8 @@ FIELDS: dict[str, Rule] = {
     "train.base_dtype": one_of(*DTYPES), "train.base_confidence": one_of("auto", "model", "cached"),
     "lora.rank": COUNT, "lora.alpha": above(0.0), "lora.dropout": within(0.0, 1.0, high_open=True),
     "lora.export_adapters": boolean,
-    "selection.rule": one_of(*selection.RULES), "selection.tau": PROBABILITY, "selection.tau_quantile": optional(PROBABILITY),
+    "selection.rule": one_of(*selection.RULES), "selection.tau": PROBABILITY,
+    "selection.tau_quantile": optional(PROBABILITY),
     "selection.tau_min": PROBABILITY, "selection.tau_max": PROBABILITY,
     "selection.kappa": PROBABILITY, "selection.gamma": PROBABILITY,
     "selection.correction_test": one_of(*selection.CORRECTION_TESTS),
@@ -127,7 +133,7 @@ FIELDS: dict[str, Rule] = {
     "eval.limit": COUNT, "eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE,
     "eval.temperature": at_least(0.0), "eval.top_p": within(0.0, 1.0, low_open=True),
     "eval.samples": POSITIVE, "eval.prompt_buckets": buckets,
-    "eval.bos": one_of("tokenizer", "always", "never"), "eval.shift.tasks": text,
+    "eval.bos": one_of(*scoring.BOS_MODES), "eval.shift.tasks": text, "eval.task_modules": text,
     "eval.shift.limit": COUNT, "eval.shift.max_new_tokens": POSITIVE,
     "analyze.limit": COUNT, "analyze.examples": COUNT,
     "demo.pretrain_examples": POSITIVE, "demo.pretrain_steps": POSITIVE,
@@ -135,6 +141,7 @@ FIELDS: dict[str, Rule] = {
     "demo.finetune_examples": POSITIVE, "demo.finetune_steps": POSITIVE,
     "demo.finetune_learning_rate": above(0.0), "demo.eval_examples": POSITIVE,
     "checkpoint.every": POSITIVE, "checkpoint.max_to_keep": POSITIVE,
+    "checkpoint.resume_step": COUNT,
     "checkpoint.async_save": boolean, "checkpoint.export": boolean,
     "checkpoint.export_dtype": one_of(*DTYPES),
     "metrics.tensorboard": boolean, "metrics.progress_bar": boolean,
@@ -153,8 +160,9 @@ def _lookup(config: Any, dotted: str):
     return node
 
 
-def validate(config: Any) -> None:
-    """Raises UserError for the first field whose value makes no sense, naming flag and fix."""
+def validate(config: Any, stage: str | None = None) -> None:
+    """Raises UserError for the first field whose value makes no sense, naming flag and fix;
+    with a `stage` (train, rewrite, evaluate, analyze), also for what it needs and lacks."""
     for dotted, rule in FIELDS.items():
         value = _lookup(config, dotted)
         if value is _MISSING:
@@ -163,6 +171,25 @@ def validate(config: Any) -> None:
         if problem:
             raise UserError(f"--config.{dotted}={value!r}: {problem}")
     _check_relations(config)
+    require(config, stage)
+
+
+def require(config: Any, stage: str | None) -> None:
+    """UserError for the first field `stage` needs and lacks (none for a dry run)."""
+    if stage is not None and _lookup(config, "dry_run") is not True:
+        for dotted, message in STAGE_NEEDS[stage]:
+            if not _lookup(config, dotted):
+                raise UserError(f"--config.{dotted} is required: {message}")
+
+
+STAGE_NEEDS = {  # stage -> the fields it cannot run without (unless a dry run), and what they are
+    "train": (("workdir", "where checkpoints, metrics.jsonl and the HF export go"),
+              ("data.path", f"the training records: {data.PATH_FORMS}")),
+    "rewrite": (("workdir", "the output path may use {workdir}"),
+                ("rewrite.input", "the (prompt, reference) records")),
+    "evaluate": (("workdir", "paths may use {workdir}"),),
+    "analyze": (("workdir", "paths may use {workdir}"),),
+}
 
 
 def _check_relations(config: Any) -> None:
@@ -181,3 +208,30 @@ def _check_relations(config: Any) -> None:
     if data is not _MISSING and max(data.buckets) < data.max_seq_len:
         raise UserError(f"--config.data.buckets {tuple(data.buckets)} must include a length "
                         f">= --config.data.max_seq_len={data.max_seq_len}")
+    if data is not _MISSING:
+        try:
+            data.prompt_format.format(prompt="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise UserError(f"--config.data.prompt_format={data.prompt_format!r}: "
+                            f"{type(error).__name__}: {error}; it must contain {{prompt}} and "
+                            "write other braces as {{ and }}") from None
+    rewrite = _lookup(config, "rewrite")
+    if rewrite is not _MISSING and rewrite.template and not (
+            "{prompt}" in rewrite.template and "{reference}" in rewrite.template):
+        raise UserError("--config.rewrite.template must contain {prompt} and {reference}")
+    lora = _lookup(config, "lora")
+    if lora is not _MISSING:
+        _check_lora(lora)
+
+
+def _check_lora(lora: Any) -> None:
+    targets_named = model.parse_lora_targets(lora.targets)
+    unknown = [t for t in targets_named if t not in model.LORA_TARGETS]
+    if unknown:
+        raise UserError(f"--config.lora.targets: {', '.join(map(repr, unknown))} "
+                        f"{'is not a projection' if len(unknown) == 1 else 'are not projections'}"
+                        f" LoRA can adapt; choose from {','.join(model.LORA_TARGETS)}")
+    if lora.rank and not targets_named:
+        raise UserError("--config.lora.targets is empty: name the projections to adapt, e.g. "
+                        + ",".join(model.LORA_TARGETS))
+

@@ -27,9 +27,9 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 # and the other seven in an all-reduce: 5 of 16 resumed LoRA runs under load, always on the first
 # step whose executable came from the cache; 0 of 16 without the cache.
 
-import pytest  # noqa: E402
+import pytest
 
-from tests import tiny_models  # noqa: E402
+from tests import tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dasd_jax import char_tokenizer, config_defaults, hf, stages
+from dasd_jax import char_tokenizer, config_defaults, hf, loading, validation
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import synthetic
 
@@ -18,7 +18,7 @@ def test_the_default_tokenizer_has_one_token_per_character():
     assert pieces(tokenizer, "add 12.") == list("add 12.")
 
 
-def test_synthetic_world_words_and_numbers_are_single_tokens_and_other_text_falls_back_to_characters():
+def test_synthetic_world_words_and_numbers_are_single_tokens_and_other_text_is_characters():
     tokenizer = char_tokenizer.build(words=synthetic.vocabulary_words(), numbers=True)
     assert pieces(tokenizer, "Adding 7 to 86 gives 93.") == [
         "Adding", " 7", " to", " 86", " gives", " 93", "."]
@@ -48,10 +48,11 @@ def test_words_must_be_letters():
 
 def test_a_random_model_tokenizer_is_chosen_by_config_and_a_bad_choice_names_the_flag():
     config = config_defaults.base_config()
-    assert len(stages.random_tokenizer(config)) == len(char_tokenizer.build())
+    assert len(loading.random_tokenizer(config)) == len(char_tokenizer.build())
     config.model.random_tokenizer = "synthetic"
-    assert stages.random_tokenizer(config).convert_ids_to_tokens(
-        stages.random_tokenizer(config)("start 12")["input_ids"]) == ["start", " 12"]
+    assert loading.random_tokenizer(config).convert_ids_to_tokens(
+        loading.random_tokenizer(config)("start 12")["input_ids"]) == ["start", " 12"]
     config.model.random_tokenizer = "bpe"
-    with pytest.raises(UserError, match=r"--config.model.random_tokenizer='bpe': choose characters"):
-        stages.random_tokenizer(config)
+    with pytest.raises(UserError, match=r"--config.model.random_tokenizer='bpe': choose from "
+                                        r"characters, synthetic"):
+        validation.validate(config)

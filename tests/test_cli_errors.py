@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dasd_jax import stages, validation
+import jax
+
+from dasd_jax import cli, run_config, validation
 from dasd_jax.errors import UserError
 from configs import math as math_config
 
@@ -56,11 +58,11 @@ def test_a_rewrite_whose_model_cannot_load_leaves_no_output_file(tmp_path):
 def test_overrides_are_checked_against_the_config_file_with_suggestions():
     with pytest.raises(UserError, match=r"--config.selection.kapa: selection has no field "
                                          r"'kapa'; did you mean kappa\?"):
-        stages.check_command_line(["x", "--config=configs/math.py:tiny",
+        cli.check_command_line(["x", "--config=configs/math.py:tiny",
                                    "--config.selection.kapa=0.3"])
     with pytest.raises(UserError, match=r"--config.train.steps.x: train.steps has no field 'x'"):
-        stages.check_command_line(["x", "--config", "configs/math.py", "--config.train.steps.x=1"])
-    stages.check_command_line(["x", "--config=configs/math.py:tiny,sft",
+        cli.check_command_line(["x", "--config", "configs/math.py", "--config.train.steps.x=1"])
+    cli.check_command_line(["x", "--config=configs/math.py:tiny,sft",
                                "--config.data.fields.prompt=question"])
 
 
@@ -95,19 +97,23 @@ def test_fields_that_only_make_sense_together_are_checked_together():
         validation.validate(config)
 
 
-def test_the_config_is_finalized_once_paths_resolved_and_fields_checked():
+def test_the_config_is_resolved_once_paths_resolved_fields_checked_and_frozen():
     config = math_config.get_config()
     config.workdir = "~/runs/math"
     config.eval.paths.humaneval = "{workdir}/he.jsonl"
-    final = stages.finalize(config)
+    final = run_config.resolve(config)
     home = str(Path.home())
     assert final.workdir == f"{home}/runs/math"
     assert final.data.path == f"{home}/runs/math/rewrites.jsonl"
     assert final.rewrite.output == final.data.path and final.eval.output == f"{home}/runs/math/eval"
     assert final.eval.paths.humaneval == f"{home}/runs/math/he.jsonl"
     assert final.eval.paths.gsm8k == "hf:openai/gsm8k:main" and final.eval.baseline == "base"
-    assert stages.finalize(final).to_dict() == final.to_dict()
+    assert final.selection.rho == config.rewrite.alpha  # no rewrite file: rewrite.alpha
+    assert final.mesh.shape == (1, jax.device_count(), 1) and final.model.platform == "cpu"
+    assert run_config.resolve(final) is final
     assert config.data.path == "{workdir}/rewrites.jsonl"  # the given config is left as it was
+    with pytest.raises(AttributeError, match="immutable"):
+        final.train.steps = 3
     config.train.steps = -3
     with pytest.raises(UserError, match=r"--config.train.steps=-3"):
-        stages.finalize(config)
+        run_config.resolve(config)

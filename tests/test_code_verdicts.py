@@ -68,7 +68,8 @@ TRICKS = {
         "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'passed x\\n')\n"
         "    except OSError:\n        pass\n" + WRONG),
     "reading the program file for the tests and a secret": (
-        "text = open('program.py').read()\nassert 'assert' not in text.split('def check')[0] or True\n"
+        "text = open('program.py').read()\n"
+        "assert 'assert' not in text.split('def check')[0] or True\n"
         "import re\nSECRET = re.findall(r'[0-9a-f]{32}', text)\n"
         "import os\nfor fd in range(3, 64):\n    for s in SECRET:\n        try:\n"
         "            os.write(fd, ('passed ' + s + '\\n').encode())\n        except OSError:\n"

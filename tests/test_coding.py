@@ -202,22 +202,3 @@ def test_missing_files_and_bad_lines_are_user_errors_naming_file_and_line(tmp_pa
 
 
 # ----------------------------------------------------------------------------- pass@k
-
-
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 1, 0.4),          # pass@1 is the fraction correct
-    (5, 0, 3, 0.0),
-    (5, 2, 5, 1.0),          # k = n: passes if any sample did
-    (5, 5, 1, 1.0),
-    (4, 1, 2, 0.5),          # 1 - C(3,2)/C(4,2) = 1 - 3/6
-    (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
-])
-def test_pass_at_k_matches_hand_values(n, c, k, expected):
-    assert coding.pass_at_k(n, c, k) == pytest.approx(expected)
-
-
-def test_pass_at_k_is_stable_for_many_samples_and_rejects_k_above_n():
-    assert coding.pass_at_k(1000, 1, 1) == pytest.approx(0.001)
-    assert 0.0 < coding.pass_at_k(10_000, 1, 10) < 1.0
-    with pytest.raises(UserError, match="k <= n"):
-        coding.pass_at_k(3, 1, 5)

@@ -12,7 +12,8 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "launch" / "colab_tpu_demo.ipynb"
 
 
-def test_the_colab_notebook_runs_on_cpu_and_shows_its_table_plot_and_token_page(tmp_path, monkeypatch):
+def test_the_colab_notebook_runs_on_cpu_and_shows_its_table_plot_and_token_page(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("DASD_DEMO_SMALL", "1")
     monkeypatch.setenv("DASD_DEMO_WORKDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

@@ -165,33 +165,10 @@ def test_hub_layouts_read_the_same_as_the_upstream_files(tmp_path):
 # ----------------------------------------------------------------------------- scoring
 
 
-def test_acc_picks_the_likeliest_choice_and_acc_norm_the_likeliest_per_character():
-    assert commonsense.prediction([-10.0, -12.0], [5, 20]) == (0, 1)   # -2.0 vs -0.6 per char
-    assert commonsense.prediction([-3.0, -9.0, -4.0], [4, 4, 4]) == (0, 0)
-
-
 def test_choice_lengths_count_the_choice_without_its_delimiter():
     item = {"pairs": [("Q:", " iron"), ("Q:", " plants sprouting")]}
     assert commonsense.choice_pairs(item) == item["pairs"]
     assert commonsense.choice_lengths(item) == [4, 16]
-
-
-def test_prediction_rejects_mismatched_or_empty_lengths():
-    with pytest.raises(ValueError):
-        commonsense.prediction([-1.0, -2.0], [3])
-    with pytest.raises(ValueError):
-        commonsense.prediction([-1.0, -2.0], [3, 0])
-
-
-def test_summarize_reports_acc_and_acc_norm_per_task_with_counts():
-    items = [{"task": "piqa", "label": 0}, {"task": "piqa", "label": 1},
-             {"task": "boolq", "label": 1}]
-    summary = commonsense.summarize(items, [(0, 1), (0, 1), (1, 1)])
-    assert summary["piqa"] == {"acc": 0.5, "acc_norm": 0.5, "correct": 1, "correct_norm": 1,
-                               "count": 2}
-    assert summary["boolq"] == {"acc": 1.0, "acc_norm": 1.0, "correct": 1, "correct_norm": 1,
-                                "count": 1}
-    assert list(summary) == ["boolq", "piqa"]  # in TASKS order
 
 
 # ----------------------------------------------------------------------------- bad input

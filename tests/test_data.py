@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dasd_jax import char_tokenizer, config_defaults, data
+from dasd_jax import char_tokenizer, config_defaults, data, signals
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BATCH_KEYS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.bool_,
-              "fallback": np.bool_, "structural": np.bool_, "ref_logprob": np.float32,
-              "base_logprob": np.float32, "base_top1": np.float32,
-              "ref_logprob_base_choice": np.float32, "ref_top1": np.float32}
+BATCH_KEYS = signals.BATCH_DTYPES
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +50,10 @@ def make_examples(lengths):
         tokens[0] = index + 10
         mask = np.zeros(length, bool)
         mask[:-1] = True
-        nan, no = np.full(length, np.nan, np.float32), np.zeros(length, bool)
+        no = np.zeros(length, bool)
         examples.append(data.Example(
-            tokens, mask, fallback=no, structural=no, ref_logprob=nan, base_logprob=nan,
-            base_top1=nan, ref_logprob_base_choice=nan, ref_top1=nan, record_index=index))
+            tokens, mask, fallback=no, structural=no, record_index=index,
+            signals={name: signals.empty(name, length) for name in signals.TRAINED}))
     return examples
 
 
@@ -107,27 +104,29 @@ def test_response_ids_replace_the_tokenized_response_verbatim(tokenizer):
 
 
 def test_recorded_logprobs_sit_at_the_position_that_predicts_their_token(tokenizer):
-    records = [{"prompt": "hi", "response": "ab", "ref_logprobs": [-0.1, -0.2]}]
+    records = [{"prompt": "hi", "response": "ab", "ref_logprob": [-0.1, -0.2]}]
     (example,), _ = data.tokenize(records, tokenizer, data_config())
     start = example.prompt_length - 1  # predicts the first response token
     assert example.tokens[start + 1] == ids(tokenizer, "a")[0]
-    np.testing.assert_allclose(example.ref_logprob[start:start + 2], [-0.1, -0.2])
-    rest = np.delete(example.ref_logprob, [start, start + 1])
-    assert np.isnan(rest).all() and np.isnan(example.base_logprob).all()
-    assert example.ref_logprob.dtype == np.float32
+    np.testing.assert_allclose(example.signals["ref_logprob"][start:start + 2], [-0.1, -0.2])
+    rest = np.delete(example.signals["ref_logprob"], [start, start + 1])
+    assert np.isnan(rest).all() and np.isnan(example.signals["base_logprob"]).all()
+    assert example.signals["ref_logprob"].dtype == np.float32
     assert not data.has_values([example], "ref_logprob")  # "</s>" has no recorded value
 
 
 def test_the_veto_signals_sit_with_the_others_and_fallback_lines_are_marked(tokenizer):
     records = [{"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "reference",
-                "reference": "ab", "ref_logprob_base_choice": [-2.0, -0.5], "ref_top1": [-0.1, -0.2]},
+                "reference": "ab", "ref_logprob_base_choice": [-2.0, -0.5],
+                "ref_top1": [-0.1, -0.2]},
                {"prompt": "hi", "response": "ab", "response_ids": [40, 41], "source": "rewrite"}]
     (fallback, rewritten), _ = data.tokenize(records, tokenizer, data_config())
     start = fallback.prompt_length - 1
-    np.testing.assert_allclose(fallback.ref_logprob_base_choice[start:start + 2], [-2.0, -0.5])
-    np.testing.assert_allclose(fallback.ref_top1[start:start + 2], [-0.1, -0.2])
+    np.testing.assert_allclose(fallback.signals["ref_logprob_base_choice"][start:start + 2],
+                               [-2.0, -0.5])
+    np.testing.assert_allclose(fallback.signals["ref_top1"][start:start + 2], [-0.1, -0.2])
     assert fallback.fallback.tolist() == fallback.loss_mask.tolist()
-    assert not rewritten.fallback.any() and np.isnan(rewritten.ref_top1).all()
+    assert not rewritten.fallback.any() and np.isnan(rewritten.signals["ref_top1"]).all()
     (as_reference,), _ = data.tokenize(records[:1], tokenizer, data_config(target="reference"))
     assert not as_reference.fallback.any()  # training on references: no line is a fallback
 
@@ -149,19 +148,19 @@ def masked_targets_of(example, mask):
 
 def test_more_recorded_values_than_response_tokens_is_an_error_naming_both_lengths(tokenizer):
     records = [{"prompt": "hi", "response": "ab", "response_ids": [40, 41],
-                "ref_logprobs": [-0.1, -0.2, -0.3]}]
-    with pytest.raises(UserError, match=r"record 0: ref_logprobs has 3 values but its response "
+                "ref_logprob": [-0.1, -0.2, -0.3]}]
+    with pytest.raises(UserError, match=r"record 0: ref_logprob has 3 values but its response "
                                         r"has 2 tokens"):
         data.tokenize(records, tokenizer, data_config())
 
 
 def test_cached_base_signals_must_cover_every_response_token(tokenizer):
     complete = {"prompt": "hi", "response": "ab", "response_ids": [40, 41],
-                "base_logprobs": [-0.5, -0.6], "base_top1": [0.9, 0.8]}
+                "base_logprob": [-0.5, -0.6], "base_top1": [0.9, 0.8]}
     partial = {**complete, "base_top1": [0.9]}
     examples, _ = data.tokenize([complete, partial], tokenizer, data_config())
     data.check_cached_base_signals(examples[:1])
-    with pytest.raises(UserError, match=r"1 of 2 examples lack base_logprobs / base_top1.*"
+    with pytest.raises(UserError, match=r"1 of 2 examples lack base_logprob / base_top1.*"
                                         r"--config.train.base_confidence=model"):
         data.check_cached_base_signals(examples)
 
@@ -207,11 +206,11 @@ def test_reference_target_ignores_the_ids_and_values_a_rewrite_recorded(tokenize
     rewrites its response_ids spell, and no recorded response signal leaks onto them."""
     response_ids = tokenizer("resp")["input_ids"] + [tokenizer.eos_token_id]
     records = [{"prompt": "q", "reference": "ref", "response": "resp",
-                "response_ids": response_ids, "ref_logprobs": [-0.5] * len(response_ids),
-                "base_logprobs": [-2.0] * len(response_ids)}]
+                "response_ids": response_ids, "ref_logprob": [-0.5] * len(response_ids),
+                "base_logprob": [-2.0] * len(response_ids)}]
     (example,), _ = data.tokenize(records, tokenizer, data_config(target="reference"))
     assert tokenizer.decode(masked_targets(example)) == "ref</s>"
-    assert np.isnan(example.ref_logprob).all() and np.isnan(example.base_logprob).all()
+    assert all(np.isnan(example.signals[name]).all() for name in ("ref_logprob", "base_logprob"))
     (example,), _ = data.tokenize(records, tokenizer, data_config(target="response"))
     assert list(masked_targets(example)) == response_ids
 
@@ -221,10 +220,19 @@ def test_reference_target_ignores_the_ids_and_values_a_rewrite_recorded(tokenize
 
 def test_jsonl_records_load_with_canonical_keys_and_keep_other_fields(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "p", "response": "r", "ref_logprobs": [-1, None], "source": "rewrite"}])
+        {"prompt": "p", "response": "r", "ref_logprob": [-1, None], "source": "rewrite"}])
     assert data.load_records(str(path), "train", config_defaults.base_config().data.fields) == [
-        {"prompt": "p", "response": "r", "ref_logprobs": [-1.0, pytest.approx(np.nan, nan_ok=True)],
+        {"prompt": "p", "response": "r", "ref_logprob": [-1.0, pytest.approx(np.nan, nan_ok=True)],
          "source": "rewrite"}]
+
+
+def test_rewrite_files_from_before_the_signals_had_one_name_still_load(tmp_path):
+    path = write_jsonl(tmp_path / "old.jsonl", [
+        {"prompt": "p", "response": "r", "ref_logprobs": [-1.0], "base_logprobs": [-2.0],
+         "base_top1": [0.5]}])
+    (record,) = data.load_records(str(path), "train", config_defaults.base_config().data.fields)
+    assert record == {"prompt": "p", "response": "r", "ref_logprob": [-1.0],
+                      "base_logprob": [-2.0], "base_top1": [0.5]}
 
 
 def test_field_mapping_reads_renamed_fields(tmp_path):
@@ -421,4 +429,5 @@ def test_length_grouping_visits_each_example_once_per_epoch_in_batches_of_simila
                            group_by_length=8, state={"epoch": 0, "index": 12})
     np.testing.assert_array_equal(next(resumed)["tokens"], epoch[3]["tokens"])
     with pytest.raises(UserError, match="group_by_length 0: must be at least 1"):
-        data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0, group_by_length=0)
+        data.Batches(make_examples(lengths), 4, seed=2, buckets=(8, 32), pad_id=0,
+                     group_by_length=0)

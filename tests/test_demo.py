@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dasd_jax import demo, stages
+from dasd_jax import demo, loading
 from dasd_jax.errors import UserError
 from configs import demo as demo_config
 
@@ -60,9 +60,9 @@ def test_demo_methods_name_a_subset_and_a_typo_is_refused_with_the_choices():
 
 def test_the_gpu_variant_runs_the_same_pipeline_on_a_larger_base():
     config = demo_config.get_config("gpu")
-    cfg = stages.model_config_only(config)
+    cfg = loading.model_config_only(config)
     assert config.model.random_tokenizer == "synthetic"
-    assert cfg.num_layers == 8 and cfg.num_params > 20 * stages.model_config_only(
+    assert cfg.num_layers == 8 and cfg.num_params > 20 * loading.model_config_only(
         demo_config.get_config()).num_params
 
 

@@ -1,4 +1,5 @@
-"""`python -m dasd_jax.evaluate` end to end on tiny models, and scoring completions made elsewhere."""
+"""`python -m dasd_jax.evaluate` end to end on tiny models, and scoring completions made
+elsewhere."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dasd_jax import evaluate, hf, perplexity, sharding
-from dasd_jax.errors import UserError
+from dasd_jax.errors import CheckpointError, UserError
 from dasd_jax.tasks import commonsense, registry
 from configs import math as math_config
 
@@ -34,21 +35,24 @@ def test_tiny_evaluate_prints_its_table_with_a_forgetting_column(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dasd_jax.evaluate", "--config=configs/math.py:tiny",
          f"--config.workdir={tmp_path}", f"--config.eval.checkpoint={checkpoint}",
-         "--config.eval.tasks=synthetic", "--config.eval.limit=4", "--config.eval.max_new_tokens=8"],
+         "--config.eval.tasks=synthetic", "--config.eval.limit=4",
+         "--config.eval.max_new_tokens=8"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "synthetic" in result.stdout and "(tuned)" in result.stdout
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["tasks"]["synthetic"]["examples"] == 4
     lines = (tmp_path / "eval" / "synthetic.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and {"id", "completion", "correct", "difficulty"} <= set(json.loads(lines[0]))
+    assert len(lines) == 4
+    assert {"id", "completion", "correct", "difficulty"} <= set(json.loads(lines[0]))
 
 
 @pytest.mark.slow
 @needs_data
 def test_every_task_family_runs_on_a_few_real_examples(tmp_path):
     paths = commonsense.default_paths(DATA)
-    paths.update(gsm8k=str(DATA / "gsm8k" / "test.jsonl"), math500=str(DATA / "math500" / "test.jsonl"),
+    paths.update(gsm8k=str(DATA / "gsm8k" / "test.jsonl"),
+                 math500=str(DATA / "math500" / "test.jsonl"),
                  humaneval=str(DATA / "humaneval" / "HumanEval.jsonl.gz"),
                  mbpp=str(DATA / "mbpp" / "mbpp.jsonl"))
     every = registry.eval_tasks()
@@ -66,7 +70,8 @@ def test_every_task_family_runs_on_a_few_real_examples(tmp_path):
 
 @needs_data
 def test_predictions_made_elsewhere_are_scored_without_a_model(tmp_path):
-    gold = [json.loads(line) for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]]
+    lines = (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()
+    gold = [json.loads(line) for line in lines[:4]]
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text("".join(
         json.dumps({"task": "gsm8k", "id": str(i), "completion": row["answer"] if i % 2 == 0
@@ -74,7 +79,8 @@ def test_predictions_made_elsewhere_are_scored_without_a_model(tmp_path):
     config = tiny_config(tmp_path, tasks="gsm8k", predictions=str(predictions), limit=0)
     config.eval.paths.gsm8k = str(DATA / "gsm8k" / "test.jsonl")
     summary = evaluate.evaluate(config)
-    assert summary["tasks"]["gsm8k"] == {**summary["tasks"]["gsm8k"], "examples": 4, "accuracy": 0.5}
+    assert summary["tasks"]["gsm8k"] == {**summary["tasks"]["gsm8k"], "examples": 4,
+                                         "accuracy": 0.5}
 
 
 @pytest.mark.slow
@@ -85,7 +91,7 @@ def test_an_orbax_workdir_is_evaluated_from_its_latest_checkpoint(tmp_path):
     config.checkpoint.export = False
     train.train(config)
     assert evaluate.evaluate(config)["tasks"]["synthetic"]["examples"] == 3
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError):
         hf.load(tmp_path / "hf")
 
 
@@ -94,7 +100,8 @@ def test_unknown_tasks_and_missing_paths_are_named(tmp_path):
     with pytest.raises(UserError, match=r"eval.tasks='gsm9k': choose from .*gsm8k"):
         evaluate.evaluate(tiny_config(tmp_path, tasks="gsm9k"))
     config = tiny_config(tmp_path, tasks="humaneval", checkpoint="base", baseline="")
-    with pytest.raises(UserError, match=r"no data path for humaneval: set --config.eval.paths.humaneval"):
+    with pytest.raises(UserError,
+                       match=r"no data path for humaneval: set --config.eval.paths.humaneval"):
         evaluate.evaluate(config)
 
 
@@ -106,7 +113,8 @@ def test_several_completions_of_one_id_are_its_samples_and_the_output_says_so(tm
         "entry_point": "add"}) + "\n" for i in range(2)))
     right, wrong = "    return a + b\n", "    return a - b\n"
     predictions = tmp_path / "predictions.jsonl"
-    predictions.write_text("".join(json.dumps({"task": "humaneval", "id": i, "completion": c}) + "\n"
+    line = lambda i, c: json.dumps({"task": "humaneval", "id": i, "completion": c}) + "\n"
+    predictions.write_text("".join(line(i, c)
                                    for i, c in [("Toy/0", wrong), ("Toy/0", right),
                                                 ("Toy/1", right), ("Toy/1", right),
                                                 ("Toy/9", right)]))

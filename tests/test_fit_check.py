@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from configs import math as math_config
-from dasd_jax import fit_check, model, sampling, sharding, stages, step, targets
+from dasd_jax import fit_check, model, sampling, sharding, loading, run_config, step, targets
 from dasd_jax.errors import UserError
 from tests import processes
 
@@ -32,18 +32,19 @@ def compilers():
         raise
 
 
-def tiny_config(target: str, **train):
+def tiny_config(target: str, **sections):
+    """The tiny config, for a dry run on `target`, with {section: {field: value}} changes."""
     config = math_config.get_config("tiny")
     config.update(dry_run=True, compile_for=target)
-    config.train.update(**train)
-    return step.with_rho(stages.finalize(config))
+    for section, values in sections.items():
+        config[section].update(values)
+    return run_config.resolve(config)
 
 
 def lowered_train_step(config):
     target = targets.resolve(config.compile_for)
     mesh = sharding.make_mesh(config.mesh.shape, devices=target.devices)
-    cfg = stages.model_config_only(config)
-    run = step.setup(config, cfg.replace(platform=cfg.platform or target.platform), mesh)
+    run = step.setup(config, loading.model_config_only(config), mesh)
     return run.train_step.lower(*run.abstract_inputs(config.train.batch_size,
                                                      max(config.data.buckets)))
 
@@ -69,42 +70,38 @@ def test_a_tpu_slice_compiles_the_dasd_step_codecoding_and_decoding_and_they_fit
 @pytest.mark.slow
 def test_a_lora_step_compiles_for_a_tpu_slice_and_an_8_gpu_host(compilers):
     for target in (TPU, GPU):
-        config = tiny_config(target)
-        config.lora.rank = 4
-        compiled = lowered_train_step(config).compile()
+        compiled = lowered_train_step(tiny_config(target, lora=dict(rank=4))).compile()
         assert compiled.memory_analysis().temp_size_in_bytes > 0
 
 
 @pytest.mark.slow
 def test_an_8_gpu_host_compiles_every_program_with_xla_attention_where_cudnn_cannot(compilers):
-    config = tiny_config(GPU)
-    config.model.compute_dtype = "bfloat16"  # where cuDNN attention would be chosen on a GPU
+    config = tiny_config(GPU, model=dict(compute_dtype="bfloat16"))  # where cuDNN would be used
     report = fit_check.check(config)
     assert report["fits"] and report["device_kind"] == "NVIDIA H100 80GB HBM3"
     assert report["compiler_flops_per_device"] is None  # no cost analysis without a GPU
     assert "cudnn" not in lowered_train_step(config).as_text().lower()
-    config.model.attention_impl = "cudnn"
+    config = tiny_config(GPU, model=dict(compute_dtype="bfloat16", attention_impl="cudnn"))
     with pytest.raises(Exception, match="cuDNN"):
         lowered_train_step(config).compile()
 
 
 def test_a_tpu_program_contains_none_of_the_cpu_only_paths(compilers):
-    cpu, tpu = tiny_config(""), tiny_config(TPU)
-    for config in (cpu, tpu):
-        config.model.remat_policy = "none"  # the CPU backward's condition (a policy may save dots)
+    # remat none: the CPU backward's condition (a policy may save dots)
+    cpu, tpu = (tiny_config(name, model=dict(remat_policy="none")) for name in ("", TPU))
     # The projection backward made for XLA:CPU (model._project) runs on a CPU only.
     scope = model.CPU_PROJECTION_BACKWARD
     assert scope in lowered_train_step(cpu).as_text(debug_info=True)
     assert scope not in lowered_train_step(tpu).as_text(debug_info=True)
     # On a CPU the decode loop reads the layers' weights apart, elsewhere stacked.
-    cfg = stages.model_config_only(tpu)
+    cfg = loading.model_config_only(tpu)
     settings = sampling.Settings(max_new_tokens=8, prompt_buckets=(64,))
     leaves = {}
     for platform, name in (("cpu", ""), ("tpu", TPU)):
         mesh = sharding.make_mesh((1, -1, 1), devices=targets.resolve(name).devices)
         shaped = cfg.replace(platform=platform)
-        params = fit_check._abstract(model.param_shapes(shaped),
-                                     sharding.param_shardings(shaped, mesh))
+        params = sharding.abstract(model.param_shapes(shaped),
+                                   sharding.param_shardings(shaped, mesh))
         with sharding.activation_rules(mesh):
             lowered = sampling.lower_decoding(shaped, params, settings, 8, "plain", mesh)
         leaves[platform] = len(jax.tree.leaves(lowered["decode loop"].args_info))
@@ -130,7 +127,8 @@ def test_a_run_that_does_not_fit_exits_3_with_one_line_naming_target_shortfall_a
 
 
 def test_a_target_name_the_compilers_do_not_know_lists_the_accepted_names():
-    with pytest.raises(UserError, match=r"--config.compile_for='tpu-v9' is not a target name; accepted: v4:AxBxC"):
+    with pytest.raises(UserError, match=r"--config.compile_for='tpu-v9' is not a target name; "
+                                        r"accepted: v4:AxBxC"):
         targets.resolve("tpu-v9")
     with pytest.raises(UserError, match=r"give 1 to 8 GPUs, or a multiple of 8"):
         targets.resolve("h100x12")

@@ -37,7 +37,8 @@ def edit_tensors(directory, edit):
 
 def test_missing_config_json(llama_copy):
     (llama_copy / "config.json").unlink()
-    with pytest.raises(CheckpointError, match=r"has no config.json; pass a Hugging Face checkpoint"):
+    with pytest.raises(CheckpointError,
+                       match=r"has no config.json; pass a Hugging Face checkpoint"):
         hf.load(llama_copy)
 
 
@@ -58,7 +59,8 @@ def test_missing_tensor_is_named_with_its_shape(llama_copy):
 def test_unexpected_tensor_is_named(llama_copy):
     edit_tensors(llama_copy, lambda t: t.update(
         {"model.layers.0.self_attn.extra.weight": np.zeros((3, 3), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor model.layers.0.self_attn.extra.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"unexpected tensor model.layers.0.self_attn.extra.weight"):
         hf.load(llama_copy)
 
 

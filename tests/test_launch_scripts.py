@@ -146,7 +146,8 @@ def test_tpu_queued_spot_resource_is_waited_for_and_recreated_through_the_queue(
                               "--simulate-preemption", path=offline_path)
     verbs = [gcloud_verb(c) for c in commands]
     commands = commands[1:]
-    assert verbs == ["fit check", "git archive", "queued-resources create", "queued-resources describe",
+    assert verbs == ["fit check", "git archive", "queued-resources create",
+                     "queued-resources describe",
                      "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "queued-resources describe",
                      "queued-resources delete", "queued-resources create",
                      "queued-resources describe", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",

@@ -5,15 +5,15 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.registry import get_model  # noqa: E402
+import torch
+import transformers
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
 
-from dasd_jax import char_tokenizer  # noqa: E402
-from dasd_jax.errors import UserError  # noqa: E402
-from dasd_jax.lm_eval_adapter import DasdJaxLM  # noqa: E402
-from tests import tiny_models  # noqa: E402
+from dasd_jax import char_tokenizer
+from dasd_jax.errors import UserError
+from dasd_jax.lm_eval_adapter import DasdJaxLM
+from tests import tiny_models
 
 BOS, EOS = 1, 2  # the tiny models' and the character tokenizer's
 

@@ -18,17 +18,17 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
-from configs import math as math_config  # noqa: E402
-from dasd_jax import evaluate, hf  # noqa: E402
-from dasd_jax.tasks import commonsense  # noqa: E402
-from dasd_jax.tools import smollm2  # noqa: E402
+from configs import math as math_config
+from dasd_jax import evaluate, hf
+from dasd_jax.tasks import commonsense, registry, scoring
+from dasd_jax.tools import smollm2
 
 CHECKPOINT = Path(os.environ.get("DASD_JAX_SMOLLM2", smollm2.DEFAULT_OUT)).expanduser()
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ITEMS = 12  # per task
+ITEMS = 4  # per task: the first items, 8-20 (context, continuation) pairs
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not smollm2.is_built(CHECKPOINT),
@@ -53,8 +53,9 @@ def test_predictions_and_logliks_equal_lm_evals_hf_model(models, task):
         pytest.skip(f"{path} is not present")
     items = commonsense.load(task, path, limit=ITEMS)
     config = math_config.get_config()
-    config.eval.update(batch_size=16, prompt_buckets=(256, 512, 1024))
-    ours = evaluate.choice_logliks(config, cfg, params, tokenizer, items)
+    config.eval.update(batch_size=8, prompt_buckets=(64, 128, 256, 512, 1024))
+    ours = evaluate.choice_logliks(config, cfg, params, tokenizer, registry.eval_task(task),
+                                   items)
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=0)
                 for item in items for pair in commonsense.choice_pairs(item)]
     theirs = iter(loglik for loglik, _ in reference.loglikelihood(requests, disable_tqdm=True))
@@ -63,5 +64,5 @@ def test_predictions_and_logliks_equal_lm_evals_hf_model(models, task):
         found = [loglik for loglik, _ in scored]
         np.testing.assert_allclose(found, expected, atol=2e-3, err_msg=f"{task} {item['id']}")
         lengths = commonsense.choice_lengths(item)
-        assert (commonsense.prediction(found, lengths)
-                == commonsense.prediction(expected, lengths)), f"{task} {item['id']}"
+        assert (scoring.prediction(found, lengths)
+                == scoring.prediction(expected, lengths)), f"{task} {item['id']}"

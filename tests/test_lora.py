@@ -16,7 +16,7 @@ import torch
 from jax.ad_checkpoint import print_saved_residuals
 from safetensors.numpy import load_file
 
-from dasd_jax import config_defaults, evaluate, hf, lora, model, sharding, stages, step, train
+from dasd_jax import config_defaults, evaluate, hf, lora, model, sharding, loading, step, train
 from dasd_jax.errors import UserError
 from configs import math as math_config
 from tests import tiny_models
@@ -210,7 +210,7 @@ def test_the_lora_base_is_the_loaded_weights_not_a_copy(step_params):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = jax.device_put(step_params, sharding.param_shardings(STEP_CFG, mesh))
     base = step.setup(lora_config(), STEP_CFG, mesh).base_params(params)
-    kernel = lambda tree: tree["layers"]["mlp"]["up_proj"]["kernel"]  # noqa: E731
+    kernel = lambda tree: tree["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel(base).unsafe_buffer_pointer() == kernel(params).unsafe_buffer_pointer()
 
 
@@ -245,7 +245,7 @@ def test_dry_run_reports_the_memory_lora_saves(capsys):
     config.lora.rank = RANK
     report = train.train(config)
     saving = report["lora"]
-    trainee = step.trainee_config(config, stages.model_config_only(config))
+    trainee = step.trainee_config(config, loading.model_config_only(config))
     assert saving["trainable_params"] == trainee.num_lora_params > 0
     assert saving["weights_gib"] == report["weights_gib"]
     # Full fine-tuning keeps params + two moments + a base copy; LoRA one set of weights.
@@ -272,7 +272,7 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_merged_and_peft(tmp
     uninterrupted = losses_by_step(tmp_path)
     assert uninterrupted[6] < uninterrupted[1]
     _, first_export = hf.load(tmp_path / "hf")
-    cfg = step.trainee_config(config, stages.model_config_only(config))
+    cfg = step.trainee_config(config, loading.model_config_only(config))
     assert len(load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))) == (
         2 * 2 * cfg.num_layers)  # lora_A and lora_B of q_proj and v_proj in every layer
     saved = ocp.StandardCheckpointer().metadata(tmp_path / "checkpoints" / "6" / "state")
@@ -293,7 +293,7 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_merged_and_peft(tmp
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged), export)
 
     config.lora.rank = 0
-    with pytest.raises(UserError, match=r"does not fit this run's training state .*--config.lora"):
+    with pytest.raises(UserError, match=r"does not fit this run \(missing: .*--config.lora"):
         train.train(config)  # full fine-tuning cannot resume from adapters
 
 

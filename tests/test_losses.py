@@ -1,4 +1,5 @@
-"""Chunked token statistics equal the naive full-vocabulary computation, at a fraction of the memory."""
+"""Chunked token statistics equal the naive full-vocabulary computation, at a fraction of the
+memory."""
 
 import jax
 import jax.numpy as jnp

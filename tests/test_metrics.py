@@ -91,7 +91,8 @@ def test_step_flops_match_a_hand_count_for_a_tiny_model():
     mlp_weights = 3 * 16 * 32  # gate, up, down = 1536
     unembedding = 100 * 16  # 1600
     assert attention_weights == 768 and mlp_weights == 1536
-    assert metrics.matmul_params(TINY) == 2 * (attention_weights + mlp_weights) + unembedding == 6208
+    expected = 2 * (attention_weights + mlp_weights) + unembedding
+    assert metrics.matmul_params(TINY) == expected == 6208
 
     batch, seq = 2, 8
     matmuls = 2 * 6208 * batch * seq  # 198,656
@@ -231,10 +232,10 @@ def test_throughput_uses_the_flops_it_is_given_for_steps_of_different_lengths():
 
 
 def test_logged_metrics_are_window_means_except_the_current_learning_rate():
-    steps = [{"loss": jnp.float32(1.0), "kept_ratio": jnp.float32(0.0), "learning_rate": jnp.float32(3.0),
-              "tau": None},
-             {"loss": jnp.float32(3.0), "kept_ratio": jnp.float32(1.0), "learning_rate": jnp.float32(2.0),
-              "tau": None}]
+    steps = [{"loss": jnp.float32(1.0), "kept_ratio": jnp.float32(0.0),
+              "learning_rate": jnp.float32(3.0), "tau": None},
+             {"loss": jnp.float32(3.0), "kept_ratio": jnp.float32(1.0),
+              "learning_rate": jnp.float32(2.0), "tau": None}]
     total = metrics.add(steps[0], steps[1])
     mean = metrics.window_mean(metrics.fetch_numbers(total), 2, metrics.fetch_numbers(steps[1]))
     assert mean == {"loss": 2.0, "kept_ratio": 0.5, "learning_rate": 2.0}

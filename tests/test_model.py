@@ -66,7 +66,8 @@ def test_remat_policies_change_memory_not_results(params, policy):
     remat_cfg = CFG.replace(remat_policy=policy)
     got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat_cfg, p)))(params)
     np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grads, expected_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grads,
+                 expected_grads)
 
 
 def test_every_param_has_logical_axes_of_its_rank(params):
@@ -86,7 +87,8 @@ def test_num_params_counts_every_array(params):
 
 
 def test_bad_config_names_each_problem():
-    with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4.*remat_policy"):
+    with pytest.raises(ValueError,
+                       match="num_heads=6 must be a multiple of num_kv_heads=4.*remat_policy"):
         CFG.replace(num_heads=6, num_kv_heads=4, remat_policy="sometimes")
 
 

@@ -1,4 +1,5 @@
-"""Two processes × 4 CPU devices (jax.distributed on localhost) compute what one process × 8 does."""
+"""Two processes × 4 CPU devices (jax.distributed on localhost) compute what one process × 8
+does."""
 
 import json
 import socket
@@ -20,7 +21,8 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ["--config.rewrite.generated_examples=8", "--config.rewrite.batch_size=8",
             "--config.rewrite.max_new_tokens=12", "--config.data.path={workdir}/rewrites.jsonl",
-            "--config.data.target=response", "--config.train.steps=6", "--config.train.warmup_steps=1",
+            "--config.data.target=response", "--config.train.steps=6",
+            "--config.train.warmup_steps=1",
             "--config.train.batch_size=8", "--config.train.log_every=1",
             "--config.checkpoint.every=3", "--config.metrics.tensorboard=False",
             "--config.data.eval_path="]
@@ -77,7 +79,7 @@ def test_two_hosts_rewrite_and_train_like_one(tmp_path):
              for d in (single, multi)}
     for one, two in zip(lines[single], lines[multi]):
         assert one["response_ids"] == two["response_ids"] and one["source"] == two["source"]
-        np.testing.assert_allclose(one["ref_logprobs"], two["ref_logprobs"], atol=1e-5)
+        np.testing.assert_allclose(one["ref_logprob"], two["ref_logprob"], atol=1e-5)
     losses = {d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
               for d in (single, multi)}
     assert len(losses[multi]) == 6

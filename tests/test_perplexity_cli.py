@@ -21,7 +21,8 @@ def test_embedded_default_writes_a_checkpoint_and_scores_text(tmp_path):
     checkpoint = tmp_path / "tiny-random-llama"
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
-    perplexity_line = next(line for line in result.stdout.splitlines() if line.startswith("perplexity"))
+    perplexity_line = next(line for line in result.stdout.splitlines()
+                           if line.startswith("perplexity"))
     value = float(perplexity_line.split()[1])
     # A random model is close to uniform over its 128-token vocabulary.
     assert 0.5 * 128 < value < 2 * 128

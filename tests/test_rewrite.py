@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dasd_jax import data, model, rewrite, sampling, sharding, stages, train
+from dasd_jax import data, loading, model, rewrite, run_config, sampling, sharding, train
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import answers
 from configs import math as math_config
@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(workdir, **rewrite_settings):
     config = math_config.get_config("tiny")
     config.workdir = str(workdir)
-    config.rewrite.update(generated_examples=12, batch_size=4, max_new_tokens=24, **rewrite_settings)
+    config.rewrite.update(generated_examples=12, batch_size=4, max_new_tokens=24,
+                          **rewrite_settings)
     return config
 
 
@@ -42,7 +43,7 @@ def test_tiny_rewrite_runs_offline_and_its_output_trains_unchanged(tmp_path):
     for line in lines:  # a random model never finishes: every record falls back, fully scored
         assert line["source"] == "reference" and line["fallback_reason"] == "unfinished"
         assert line["response"] == line["reference"] and isinstance(line["rejected_rewrite"], str)
-        assert len(line["ref_logprobs"]) == len(line["base_logprobs"]) == len(line["response_ids"])
+        assert len(line["ref_logprob"]) == len(line["base_logprob"]) == len(line["response_ids"])
         assert len(line["ref_logprob_base_choice"]) == len(line["ref_top1"]) == len(
             line["response_ids"])
     summary = json.loads((tmp_path / "rewrites.jsonl.summary.json").read_text())
@@ -67,18 +68,21 @@ def test_kept_rewrites_carry_the_decoder_signals_aligned_to_their_tokens(tmp_pat
     assert summary["kept"] == summary["records"] == 12 and summary["acceptance_rate"] == 1.0
     assert 1 <= summary["mean_n_candidates"] <= 4 and summary["kept_high_ppl_10"] is not None
 
-    cfg, params, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    one_device = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg, params, tokenizer = loading.load_model(config, one_device)
     for line in read_lines(tmp_path / "rewrites.jsonl")[:3]:
-        assert line["source"] == "rewrite" and len(line["n_candidates"]) == len(line["response_ids"])
+        assert line["source"] == "rewrite"
+        assert len(line["n_candidates"]) == len(line["response_ids"])
         assert line["response"] == tokenizer.decode(
-            [t for t in line["response_ids"] if t not in cfg.eos_token_ids], skip_special_tokens=True)
+            [t for t in line["response_ids"] if t not in cfg.eos_token_ids],
+            skip_special_tokens=True)
         base_prompt = data.prompt_tokens(line["prompt"], tokenizer, config.data)
         reference_prompt = data.prompt_tokens(answers.REWRITE_TEMPLATES["synthetic"].format(
             prompt=line["prompt"], reference=line["reference"]), tokenizer, config.data)
         (ref, _), (base, top1) = sampling.score(cfg, params, [reference_prompt, base_prompt],
                                                 [line["response_ids"]] * 2)
-        np.testing.assert_allclose(line["ref_logprobs"], ref, atol=1e-4)
-        np.testing.assert_allclose(line["base_logprobs"], base, atol=1e-4)
+        np.testing.assert_allclose(line["ref_logprob"], ref, atol=1e-4)
+        np.testing.assert_allclose(line["base_logprob"], base, atol=1e-4)
         np.testing.assert_allclose(line["base_top1"], top1, atol=1e-4)
         assert len(line["ref_logprob_base_choice"]) == len(line["response_ids"])
 
@@ -88,7 +92,8 @@ def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path,
     monkeypatch.setattr(rewrite, "_judge", lambda *args: None)
     config = tiny_config(tmp_path, mode="sdft", limit=4)
     rewrite.rewrite(config)
-    cfg, params, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    one_device = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg, params, tokenizer = loading.load_model(config, one_device)
     for line in read_lines(tmp_path / "rewrites.jsonl"):
         assert line["source"] == "rewrite" and line["n_candidates"] is None
         base_prompt = data.prompt_tokens(line["prompt"], tokenizer, config.data)
@@ -96,7 +101,8 @@ def test_sdft_rewrites_get_the_veto_signals_from_teacher_forced_passes(tmp_path,
             prompt=line["prompt"], reference=line["reference"]), tokenizer, config.data)
         ids = line["response_ids"]
         base = jax.nn.log_softmax(model.forward(cfg, params, np.asarray([base_prompt + ids]))[0])
-        ref = jax.nn.log_softmax(model.forward(cfg, params, np.asarray([reference_prompt + ids]))[0])
+        ref = jax.nn.log_softmax(model.forward(cfg, params,
+                                               np.asarray([reference_prompt + ids]))[0])
         for t in range(len(ids)):
             choice = int(np.argmax(base[len(base_prompt) - 1 + t]))
             position = len(reference_prompt) - 1 + t
@@ -171,13 +177,12 @@ def test_auto_base_confidence_reads_the_signals_of_a_file_this_model_rewrote(tmp
     rewrite.rewrite(tiny_config(tmp_path, limit=4))
     config = math_config.get_config("tiny")
     config.workdir = str(tmp_path)
-    config.data.update(path=str(tmp_path / "rewrites.jsonl"), target="response")
+    config.data.update(path=str(tmp_path / "rewrites.jsonl"), eval_path="", target="response")
     assert config.train.base_confidence == "auto"
-    _, _, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-    examples = train.load_examples(config, tokenizer, evaluation=False)
-    assert train.resolve_base_confidence(config, examples, None).train.base_confidence == "cached"
+    resolved = lambda c: run_config.resolve(c, "train").train.base_confidence
+    assert resolved(config) == "cached"
     other = config.copy_and_resolve_references()
     other.seed = 1  # another random model: its signals would not be this one's
-    assert train.resolve_base_confidence(other, examples, None).train.base_confidence == "model"
+    assert resolved(other) == "model"
     config.data.target = "reference"
-    assert train.resolve_base_confidence(config, examples, None).train.base_confidence == "model"
+    assert resolved(config) == "model"

@@ -1,4 +1,5 @@
-"""KV-cache decoding equals transformers' generate, batching changes nothing, co-decoding's limits."""
+"""KV-cache decoding equals transformers' generate, batching changes nothing, co-decoding's
+limits."""
 
 import dataclasses
 
@@ -17,12 +18,14 @@ NEW = 20
 
 
 def prompts_for(seed=0):
-    return [list(map(int, tiny_models.random_tokens(1, n, seed=seed + n)[0])) for n in PROMPT_LENGTHS]
+    return [list(map(int, tiny_models.random_tokens(1, n, seed=seed + n)[0]))
+            for n in PROMPT_LENGTHS]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(tiny_models.VARIANTS))
-def test_greedy_decoding_of_a_mixed_length_batch_equals_transformers_generate(variant, checkpoint_dir):
+def test_greedy_decoding_of_a_mixed_length_batch_equals_transformers_generate(
+        variant, checkpoint_dir):
     directory = checkpoint_dir(variant)
     cfg, params = hf.load(directory)
     prompts = prompts_for()
@@ -62,7 +65,8 @@ def test_recorded_logprobs_equal_a_teacher_forced_forward(qwen3):
         sequence = jnp.asarray([prompt + result.tokens])
         log_probs = jax.nn.log_softmax(jax.jit(model.forward, static_argnums=0)(
             cfg, params, sequence)[0], -1)
-        forced = [float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(result.tokens)]
+        forced = [float(log_probs[len(prompt) - 1 + i, token])
+                  for i, token in enumerate(result.tokens)]
         np.testing.assert_allclose(result.logprobs, forced, atol=1e-4)
 
 
@@ -96,7 +100,7 @@ def test_sampling_is_reproducible_and_respects_top_k(qwen3):
 
 def test_filters_keep_the_tokens_they_should():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda **kw: np.isfinite(sampling.filter_logits(logits, sampling.Settings(  # noqa: E731
+    kept = lambda **kw: np.isfinite(sampling.filter_logits(logits, sampling.Settings(
         temperature=1.0, **kw)))[0].tolist()
     assert kept(top_k=2) == [True, True, False, False]
     assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
@@ -114,7 +118,7 @@ def test_codecoding_with_alpha_one_follows_the_reference_context_greedily(qwen3)
     greedy = sampling.generate(cfg, params, references, sampling.Settings(max_new_tokens=NEW))
     for result, expected in zip(decoded, greedy):
         assert result.tokens == expected.tokens
-        assert result.n_candidates == [1] * NEW
+        assert result.signals["n_candidates"] == [1] * NEW
         np.testing.assert_allclose(result.logprobs, expected.logprobs, atol=1e-5)
 
 
@@ -126,8 +130,8 @@ def test_codecoding_with_a_tiny_alpha_and_no_cap_follows_the_base_context_greedi
     greedy = sampling.generate(cfg, params, bases, sampling.Settings(max_new_tokens=NEW))
     for result, expected in zip(decoded, greedy):
         assert result.tokens == expected.tokens
-        np.testing.assert_allclose(result.base_logprobs, expected.logprobs, atol=1e-5)
-        assert all(n == cfg.vocab_size for n in result.n_candidates)
+        np.testing.assert_allclose(result.signals["base_logprob"], expected.logprobs, atol=1e-5)
+        assert all(n == cfg.vocab_size for n in result.signals["n_candidates"])
 
 
 @pytest.mark.slow
@@ -137,20 +141,21 @@ def test_codecoding_records_the_signals_training_reads(qwen3):
     decoded = sampling.codecode(cfg, params, references, bases,
                                 sampling.Settings(max_new_tokens=NEW, alpha=0.3, candidate_top_k=4))
     for reference, base, result in zip(references, bases, decoded):
-        assert 1 <= min(result.n_candidates) and max(result.n_candidates) <= 4
+        assert 1 <= min(result.signals["n_candidates"]) and max(result.signals["n_candidates"]) <= 4
         (ref_logprob, _), (base_logprob, base_top1) = sampling.score(
             cfg, params, [reference, base], [result.tokens, result.tokens])
         np.testing.assert_allclose(result.logprobs, ref_logprob, atol=1e-4)
-        np.testing.assert_allclose(result.base_logprobs, base_logprob, atol=1e-4)
-        np.testing.assert_allclose(result.base_top1, base_top1, atol=1e-4)
+        np.testing.assert_allclose(result.signals["base_logprob"], base_logprob, atol=1e-4)
+        np.testing.assert_allclose(result.signals["base_top1"], base_top1, atol=1e-4)
         # The veto signals, teacher-forced as the rewrite computes them for sdft lines.
         (base_stats,) = sampling.score_stats(cfg, params, [base], [result.tokens], ("argmax",))
         (ref_stats,) = sampling.score_stats(cfg, params, [reference], [result.tokens],
                                             ("top1_logprob", "query_logprob"),
                                             queries=[base_stats["argmax"]])
-        np.testing.assert_allclose(result.ref_logprob_base_choice, ref_stats["query_logprob"],
+        np.testing.assert_allclose(result.signals["ref_logprob_base_choice"],
+                                   ref_stats["query_logprob"],
                                    atol=1e-4)
-        np.testing.assert_allclose(result.ref_top1, ref_stats["top1_logprob"], atol=1e-4)
+        np.testing.assert_allclose(result.signals["ref_top1"], ref_stats["top1_logprob"], atol=1e-4)
 
 
 @pytest.mark.slow
@@ -166,10 +171,11 @@ def test_the_veto_ratio_r_matches_a_hand_computation_from_both_contexts(qwen3):
         base_probs = jax.nn.softmax(forward(cfg, params, jnp.asarray([base + context]))[0, -1])
         ref_probs = jax.nn.softmax(forward(cfg, params, jnp.asarray([reference + context]))[0, -1])
         by_hand = float(ref_probs[int(jnp.argmax(base_probs))] / jnp.max(ref_probs))
-        recorded = float(np.exp(result.ref_logprob_base_choice[t] - result.ref_top1[t]))
+        recorded = float(np.exp(result.signals["ref_logprob_base_choice"][t]
+                                - result.signals["ref_top1"][t]))
         assert recorded == pytest.approx(by_hand, rel=1e-3, abs=1e-6)
         assert (by_hand < 0.2) == (int(jnp.argmax(base_probs)) != result.tokens[t]) or \
-            result.n_candidates[t] == 8  # r < alpha: the base's choice was not a candidate
+            result.signals["n_candidates"][t] == 8  # r < alpha: the base's choice no candidate
 
 
 @pytest.mark.slow
@@ -218,7 +224,7 @@ def test_continuous_batching_refills_finished_rows_and_changes_no_result(qwen3):
     assert sorted(streamed) == list(range(len(prompts)))
     for index, expected in enumerate(at_once):
         assert streamed[index].tokens == expected.tokens
-        assert streamed[index].n_candidates == expected.n_candidates
+        assert streamed[index].signals["n_candidates"] == expected.signals["n_candidates"]
 
 
 @pytest.mark.slow
@@ -229,10 +235,10 @@ def test_a_sure_reference_is_the_only_candidate(qwen3):
     sure = dataclasses.replace(loose, sure_reference=0.065)  # about the median top-1 here
     wide = sampling.codecode(cfg, params, references, bases, loose)
     narrow = sampling.codecode(cfg, params, references, bases, sure)
-    assert max(max(r.n_candidates) for r in wide) > 1
+    assert max(max(r.signals["n_candidates"]) for r in wide) > 1
     sure_steps = 0
     for result in narrow:  # the steps where the reference is that sure have one candidate
-        for count, top in zip(result.n_candidates, result.ref_top1):
+        for count, top in zip(result.signals["n_candidates"], result.signals["ref_top1"]):
             assert count == 1 or np.exp(top) < 0.065
             sure_steps += bool(np.exp(top) >= 0.065)
     assert 0 < sure_steps < sum(len(r.tokens) for r in narrow)

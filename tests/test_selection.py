@@ -115,7 +115,8 @@ def test_random_never_selects_prompt_or_padding():
 
 
 def test_everything_dropped_is_an_empty_mask_not_nan():
-    hopeless = signals(q=jnp.full(Q.shape, 0.01))._replace(base_logprob=jnp.log(jnp.full(B.shape, 1e-4)))
+    hopeless = signals(q=jnp.full(Q.shape, 0.01))._replace(
+        base_logprob=jnp.log(jnp.full(B.shape, 1e-4)))
     weights = selection.select("dasd", hopeless, config())
     assert float(weights.sum()) == 0.0 and not np.any(np.isnan(weights))
 
@@ -123,8 +124,10 @@ def test_everything_dropped_is_an_empty_mask_not_nan():
 def test_a_batch_without_response_tokens_selects_nothing():
     empty = jnp.zeros(MASK.shape, bool)
     for rule in ("all", "dasd", "ppl_filter", "rho1", "dft"):
-        assert float(selection.select(rule, signals(mask=empty), config(tau_quantile=0.3)).sum()) == 0
-    assert float(selection.select("random", signals(mask=empty), config(), jax.random.PRNGKey(0)).sum()) == 0
+        weights = selection.select(rule, signals(mask=empty), config(tau_quantile=0.3))
+        assert float(weights.sum()) == 0
+    weights = selection.select("random", signals(mask=empty), config(), jax.random.PRNGKey(0))
+    assert float(weights.sum()) == 0
 
 
 def test_rules_are_jit_safe():
@@ -166,7 +169,8 @@ def test_the_veto_test_keeps_a_high_ppl_token_where_the_reference_rules_out_the_
     confidently_wrong = veto_signals(r=jnp.where(jnp.arange(8) == 4, 0.05, R))
     kept = selection.select("dasd", confidently_wrong, config(correction_test="veto"))
     assert as_list(kept) == [0, 0, 1, 1, 1, 0, 1, 0]  # pos 4: m=.9, yet vetoed: kept
-    assert as_list(selection.select("dasd", confidently_wrong, config())) == [0, 0, 1, 1, 0, 0, 1, 0]
+    kept = selection.select("dasd", confidently_wrong, config())
+    assert as_list(kept) == [0, 0, 1, 1, 0, 0, 1, 0]
 
 
 def test_rho_sets_how_firmly_the_reference_must_rule_the_base_choice_out():
@@ -219,7 +223,9 @@ def test_every_selecting_rule_keeps_the_structural_tokens(rule):
 
 
 def test_structural_tokens_are_a_category_of_their_own():
-    groups = selection.categories(veto_signals(structural=STRUCTURAL), config(correction_test="veto"))
+    groups = selection.categories(veto_signals(structural=STRUCTURAL),
+                                  config(correction_test="veto"))
     assert as_list(groups["structural"]) == [0, 0, 0, 0, 0, 1, 1, 0]
-    parts = sum(np.asarray(groups[c], int) for c in ("aligned", "correction", "drift", "structural"))
+    parts = sum(np.asarray(groups[c], int)
+                for c in ("aligned", "correction", "drift", "structural"))
     assert parts.tolist() == [np.asarray(MASK, int).tolist()[0]]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import math as math_config
-from dasd_jax import evaluate, losses, model, sampling, sharding, shift, stages
+from dasd_jax import evaluate, losses, model, sampling, sharding, shift, loading, run_config
 
 
 def softmax_log(logits):
@@ -26,7 +26,7 @@ def test_the_chunked_shift_equals_a_hand_computation():
     found = losses.distribution_shift(base_h, base_k, tuned_h, tuned_k, targets, chunk=3)
     p = softmax_log(np.einsum("btd,dv->btv", base_h, base_k))
     q = softmax_log(np.einsum("btd,dv->btv", tuned_h, tuned_k))
-    picked = lambda table: np.take_along_axis(table, np.asarray(targets)[..., None], -1)[..., 0]  # noqa: E731
+    picked = lambda table: np.take_along_axis(table, np.asarray(targets)[..., None], -1)[..., 0]
     np.testing.assert_allclose(found["kl"], (np.exp(p) * (p - q)).sum(-1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(found["logprob_base"], picked(p), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(found["logprob_tuned"], picked(q), rtol=1e-5, atol=1e-6)
@@ -42,8 +42,8 @@ def tiny(tmp_path_factory):
     config.eval.update(batch_size=4, prompt_buckets=(64, 128))
     config.eval.shift.update(tasks="synthetic", limit=6, max_new_tokens=12,
                              cache=str(tmp_path_factory.mktemp("cache")))
-    config = stages.finalize(config)
-    cfg, params, tokenizer = stages.load_model(config, sharding.make_mesh((1, 1, 1),
+    config = run_config.resolve(config)
+    cfg, params, tokenizer = loading.load_model(config, sharding.make_mesh((1, 1, 1),
                                                                           jax.devices()[:1]))
     return config, cfg, params, tokenizer
 
@@ -99,8 +99,7 @@ def test_the_base_answers_are_cached_for_the_same_base_only(tiny, monkeypatch):
     assert shift.base_answers(config, cfg, params, tokenizer) == first and calls == []
     shift.base_answers(config, cfg, perturbed(params, scale=1e-3), tokenizer)
     assert calls == [1]  # another base: its own answers
-    other_prompts = config.copy_and_resolve_references()
-    other_prompts.eval.shift.limit = 5
+    other_prompts = run_config.replaced_fields(config, {"eval.shift.limit": 5})
     assert len(shift.base_answers(other_prompts, cfg, params, tokenizer)) == 5
     assert calls == [1, 1]
     assert len(list(Path(config.eval.shift.cache).glob("base_answers_*.jsonl"))) == 3
@@ -108,7 +107,7 @@ def test_the_base_answers_are_cached_for_the_same_base_only(tiny, monkeypatch):
 
 @pytest.mark.slow
 def test_evaluate_writes_the_shift_beside_the_accuracies(tiny):
-    config = tiny[0].copy_and_resolve_references()
+    config = run_config.mutable(tiny[0])
     config.eval.update(tasks="synthetic", checkpoint="base", baseline="", limit=2,
                        max_new_tokens=8)
     summary = evaluate.evaluate(config)

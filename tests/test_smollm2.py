@@ -92,7 +92,8 @@ def test_greedy_and_codecoding_stop_at_the_end_of_turn_token(real):
     answer_aware = [chat(tokenizer, "The answer to 'What is 2 + 3?' is 5. What is 2 + 3? Reply "
                                     "with the number only.")]
     (result,) = sampling.codecode(cfg, params, answer_aware, prompts[:1], settings)
-    assert result.finished and result.tokens[-1] == im_end and "5" in tokenizer.decode(result.tokens)
+    assert result.finished and result.tokens[-1] == im_end
+    assert "5" in tokenizer.decode(result.tokens)
 
 
 def test_gsm8k_answers_are_extracted_from_its_own_outputs(real):
@@ -114,6 +115,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(real, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "export", dtype=torch.float32).eval()
     tokens = reference_text_tokens(tokenizer)
-    np.testing.assert_allclose(torch_logprobs(reloaded, tokens), torch_logprobs(torch_model, tokens),
+    np.testing.assert_allclose(torch_logprobs(reloaded, tokens),
+                               torch_logprobs(torch_model, tokens),
                                atol=1e-5)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export").chat_template

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from dasd_jax import config_defaults, model, selection, sharding, step
+from dasd_jax import config_defaults, model, selection, sharding, signals, step
 
 CFG = model.ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -21,21 +21,21 @@ def make_config(rule="dasd", **train):
 
 
 def make_batch(seed=0):
+    """signals.example_batch with varied prompt and response lengths, recorded reference
+    signals on half the tokens and a structural token at each response's end."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, CFG.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+    batch = signals.example_batch(BATCH, LENGTH, rng=seed, vocab_size=CFG.vocab_size, ref_top1=0.0)
     prompt = rng.integers(3, 10, (BATCH, 1))
     length = rng.integers(15, LENGTH, (BATCH, 1))
     position = np.arange(LENGTH)[None]
-    ref = np.where(rng.uniform(size=(BATCH, LENGTH)) < 0.5, np.log(rng.uniform(size=(BATCH, LENGTH))), np.nan)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
-            "loss_mask": (position >= prompt) & (position < length - 1),
-            "ref_logprob": ref.astype(np.float32),
-            "base_logprob": np.full((BATCH, LENGTH), np.nan, np.float32),
-            "base_top1": np.full((BATCH, LENGTH), np.nan, np.float32),
-            "ref_logprob_base_choice": (ref - rng.uniform(0, 3, (BATCH, LENGTH))).astype(np.float32),
-            "ref_top1": np.zeros((BATCH, LENGTH), np.float32),
-            "fallback": np.zeros((BATCH, LENGTH), bool),
-            "structural": (position == length - 2) & np.ones((BATCH, 1), bool)}
+    recorded = rng.uniform(size=(BATCH, LENGTH)) < 0.5
+    ref = np.where(recorded, np.log(rng.uniform(size=(BATCH, LENGTH))), np.nan)
+    batch.update(loss_mask=(position >= prompt) & (position < length - 1),
+                 ref_logprob=ref.astype(np.float32),
+                 ref_logprob_base_choice=(ref - rng.uniform(0, 3, (BATCH, LENGTH))
+                                          ).astype(np.float32),
+                 structural=(position == length - 2) & np.ones((BATCH, 1), bool))
+    return batch
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,8 @@ def test_a_rewrite_with_the_right_answer_through_wrong_steps_is_rejected_as_wron
     reference = synthetic.foreign_solution(problem, random.Random(0))
     assert synthetic.parse_prompt(synthetic.answer_aware_text(prompt, reference)) == problem
     assert _judge("synthetic", prompt, "54-7=47 47-8=39 39-1=38 A:38", reference, True) is None
-    assert _judge("synthetic", prompt, "56-7=35 32-1=35 38-1=38 A:38", reference, True) == "wrong_steps"
-    assert _judge("synthetic", prompt, "54-7=47 47-8=39 39-1=37 A:37", reference, True) == "wrong_answer"
+    judged = lambda text: _judge("synthetic", prompt, text, reference, True)
+    assert judged("56-7=35 32-1=35 38-1=38 A:38") == "wrong_steps"
+    assert judged("54-7=47 47-8=39 39-1=37 A:37") == "wrong_answer"
     # The tiny configs' world states no chain problem: judged by the final answer alone.
     assert synthetic.trace_is_exact("Start with 4, add 2. What is the result?", "6") is None

@@ -1,4 +1,5 @@
-"""`python -m dasd_jax.train` end to end, as real processes: metrics, checkpoints, export, resume."""
+"""`python -m dasd_jax.train` end to end, as real processes: metrics, checkpoints, export,
+resume."""
 
 import json
 import signal
@@ -57,7 +58,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_an_export_transformers_loads(un
     assert losses[24] < losses[1]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in row for row in rows)
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 24
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 24
     assert "step 24/24" in result.stdout
 
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(workdir / "hf"))
@@ -103,7 +105,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "preempted"
     env = processes.environment(devices=1)
     process = subprocess.Popen(train_command(workdir, "--config.train.steps=400"), cwd=REPO,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     deadline = time.monotonic() + 240
     while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline
@@ -140,9 +143,9 @@ def test_hub_id_offline_fails_at_once_naming_the_flag(tmp_path):
 
 @pytest.mark.subprocess
 def test_missing_workdir_is_named(capsys):
-    result = subprocess.run([sys.executable, "-m", "dasd_jax.train", "--config=configs/math.py:tiny",
-                             "--config.workdir="], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-m", "dasd_jax.train",
+                             "--config=configs/math.py:tiny", "--config.workdir="], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("error: --config.workdir is required: where checkpoints, "
                                           "metrics.jsonl and the HF export go")

@@ -19,7 +19,8 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
 VARIANTS = {
     # GQA, a non-default rope_theta, untied head.
     "llama": (transformers.LlamaConfig, dict(
-        rope_parameters={"rope_type": "default", "rope_theta": 31337.0}, tie_word_embeddings=False)),
+        rope_parameters={"rope_type": "default", "rope_theta": 31337.0},
+        tie_word_embeddings=False)),
     # Llama 3.2 style: llama3 rope scaling, tied embeddings.
     "llama3_tied": (transformers.LlamaConfig, dict(
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -32,7 +33,8 @@ VARIANTS = {
         attention_bias=True, mlp_bias=True)),
     # Qwen2.5 style: q/k/v bias, tied embeddings.
     "qwen2": (transformers.Qwen2Config, dict(
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)),
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True)),
     # Qwen3: q/k RMSNorm, head_dim (32) != hidden / heads (16), untied.
     "qwen3": (transformers.Qwen3Config, dict(
         head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},

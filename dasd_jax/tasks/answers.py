@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
+import warnings
 
 from dasd_jax.tasks import registry
 
@@ -47,10 +49,24 @@ def program(text: str) -> str:
     return "\n".join(blocks) if blocks else text
 
 
+_PARSING = threading.Lock()  # CPython 3.11's parser is not thread-safe (gh-106905)
+
+
+def parse_python(source: str) -> ast.Module | None:
+    """The syntax tree of `source`, None if it does not parse; safe from several threads (code
+    is scored in a thread pool), its escape-sequence warnings silenced (they are the
+    benchmark's or the model's, not the user's)."""
+    with _PARSING, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ast.parse(source)
+        except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
+            return None
+
+
 def _defined_functions(source: str) -> set[str] | None:
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = parse_python(source)
+    if tree is None:
         return None
     return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
 
@@ -64,7 +80,8 @@ def answers_match(task: str, response: str, reference: str) -> bool:
         expected = final_choice(reference)
         return expected is not None and final_choice(response) == expected
     if task == "code":
-        wanted, found = _defined_functions(program(reference)), _defined_functions(program(response))
+        wanted = _defined_functions(program(reference))
+        found = _defined_functions(program(response))
         return wanted is not None and found is not None and wanted <= found
     raise ValueError(f"unknown task family {task!r}; choose from {', '.join(FAMILIES)}")
 

@@ -8,7 +8,6 @@
     coding.prompt_text(item, "humaneval")                # the instruction given to a chat model
     coding.score(item, completion, "humaneval")          # {"passed": True, "status": "passed",
                                                          #  "reason": ""}
-    coding.pass_at_k(n=10, c=3, k=1)                     # unbiased estimator (Codex paper)
 
 A completion's code is its ```python blocks (else its whole text), as `answers.program` reads
 it. For HumanEval that code is either the rest of the prompt's function (a body continuation)
@@ -26,10 +25,8 @@ import ast
 import builtins
 import gzip
 import json
-import math
 import re
 import secrets
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -148,21 +145,10 @@ def solution_source(item: dict, completion: str, family: str) -> str:
     raise UserError(f"unknown code task family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def _parse(source: str) -> ast.Module | None:
-    """The syntax tree of benchmark code, None if it does not parse (its escape-sequence
-    warnings silenced: they are the benchmark's, not the user's)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return ast.parse(source)
-        except SyntaxError:
-            return None
-
-
 def _top_level_bindings(source: str) -> dict[str, str | None]:
     """Names a module binds at its top level: {name: "module" or "module:attribute" for imports,
     None for defs, classes and assignments}."""
-    tree = _parse(source)
+    tree = answers.parse_python(source)
     if tree is None:
         return {}
     bound: dict[str, str | None] = {}
@@ -189,7 +175,8 @@ def _top_level_bindings(source: str) -> dict[str, str | None]:
 
 def _names_used(sources) -> set[str]:
     used = set()
-    for tree in filter(None, map(_parse, sources)):  # a test's syntax error: the harness says
+    # a test with a syntax error is skipped here: the harness reports it
+    for tree in filter(None, map(answers.parse_python, sources)):
         used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     return used
 
@@ -253,17 +240,6 @@ def score(item: dict, completion: str, family: str, *, solution_site_packages: b
     reason = failed[0] if failed else (f"no verdict (exit status {outcome.returncode}): "
                                        f"{outcome.stderr.strip()[-300:]}")
     return {"passed": False, "status": "failed", "reason": reason}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimate from n samples of which c passed: 1 - C(n-c, k) / C(n, k),
-    computed as 1 - prod_{i=n-c+1}^{n} (1 - k / i) (Chen et al. 2021), stable for large n."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise UserError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k} "
-                        "(draw at least k samples per problem)")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def _task(family: str, loader) -> registry.EvalTask:

@@ -3,8 +3,8 @@
     items = commonsense.load("arc_easy", "data/arc")            # the test split, in AI2's jsonl
     pairs = items[0]["pairs"]          # [("Question: ...\\nAnswer:", " cellular telephone"), ...]
     logliks = [log p(continuation | context) for context, continuation in pairs]   # the model
-    predictions = [commonsense.prediction(logliks, commonsense.choice_lengths(item)), ...]
-    commonsense.summarize(items, predictions)   # {"arc_easy": {"acc": ..., "acc_norm": ...}}
+    predictions = [scoring.prediction(logliks, commonsense.choice_lengths(item)), ...]
+    scoring.summarize_choices(items, predictions)   # {"arc_easy": {"acc": ..., "acc_norm": ...}}
 
 An item is one question, with every choice written out as the text the model scores:
 
@@ -41,14 +41,12 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 
 from dasd_jax import data
 from dasd_jax.errors import UserError
 from dasd_jax.tasks import registry
 
-TASKS = ("commonsenseqa", "arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "siqa",
-         "winogrande")
+TASKS = registry.COMMONSENSE
 DELIMITER = " "  # lm-eval's target_delimiter: it opens every continuation
 # task -> (folder in a local data root, {split: candidate file names}); the first split is the
 # one lm-eval evaluates, and the default.
@@ -70,35 +68,6 @@ LOCAL_FILES = {
                                   "train": ("train_xl.jsonl",)}),
 }
 SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
-
-
-BOS_MODES = ("tokenizer", "always", "never")
-
-
-def encode_pair(tokenizer, context: str, continuation: str,
-                bos: str = "tokenizer") -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's `hf` model encodes a log-likelihood request:
-    the context's trailing spaces move to the continuation, the whole text is encoded and the
-    continuation is what follows the context's own encoding (so a token that spans the border
-    counts as the continuation's). bos: "tokenizer" adds what the tokenizer's encode() adds by
-    itself (lm-eval's default: Llama 3's tokenizer adds its BOS, SmolLM2's and Qwen's none);
-    "always" puts the BOS token first where that adds none (models trained to expect it);
-    "never" adds no special token."""
-    if bos not in BOS_MODES:
-        raise UserError(f"--config.eval.bos={bos!r}: choose from {', '.join(BOS_MODES)}")
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-
-    def encode(text: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=bos == "tokenizer")["input_ids"]
-        first = tokenizer.bos_token_id
-        if bos == "always" and first is not None and ids[:1] != [first]:
-            ids = [first] + ids
-        return ids
-
-    whole, context_ids = encode(context + continuation), encode(context)
-    return context_ids, whole[len(context_ids):]
 
 
 def default_split(task: str) -> str:
@@ -150,37 +119,6 @@ def choice_lengths(item: dict) -> list[int]:
     choices share one continuation, so its acc_norm equals its acc (lm-eval reports acc only)."""
     return [len(continuation[len(DELIMITER):] if continuation.startswith(DELIMITER)
                 else continuation) for _, continuation in item["pairs"]]
-
-
-def prediction(logliks: Sequence[float], lengths: Sequence[int]) -> tuple[int, int]:
-    """(argmax of log-likelihood: `acc`'s pick, argmax of log-likelihood / length: `acc_norm`'s
-    pick). logliks: float[C], summed log p(continuation | context); lengths: int[C], from
-    `choice_lengths`. Ties go to the lower index, as numpy's argmax."""
-    logliks, lengths = np.asarray(logliks, np.float64), np.asarray(lengths, np.float64)
-    if logliks.ndim != 1 or logliks.shape != lengths.shape or logliks.size == 0:
-        raise ValueError(f"prediction needs one log-likelihood and one length per choice; got "
-                         f"{logliks.shape} and {lengths.shape}")
-    if (lengths <= 0).any():
-        raise ValueError(f"choice lengths must be positive, got {lengths.tolist()}")
-    return int(np.argmax(logliks)), int(np.argmax(logliks / lengths))
-
-
-def summarize(items: Sequence[dict], predictions: Sequence[tuple[int, int]]) -> dict:
-    """Accuracy per task from each item's (acc pick, acc_norm pick), tasks in TASKS order:
-    {task: {"acc", "acc_norm", "correct", "correct_norm", "count"}}."""
-    if len(items) != len(predictions):
-        raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
-    counts: dict[str, list[int]] = {}
-    for item, (pick, pick_norm) in zip(items, predictions):
-        count = counts.setdefault(item["task"], [0, 0, 0])
-        count[0] += int(pick == item["label"])
-        count[1] += int(pick_norm == item["label"])
-        count[2] += 1
-    order = sorted(counts, key=lambda task: (TASKS.index(task) if task in TASKS else len(TASKS),
-                                              task))
-    return {task: {"acc": correct / count, "acc_norm": correct_norm / count, "correct": correct,
-                   "correct_norm": correct_norm, "count": count}
-            for task in order for correct, correct_norm, count in [counts[task]]}
 
 
 # ----------------------------------------------------------------------------- reading rows
@@ -416,7 +354,8 @@ _PARSERS = {"commonsenseqa": _question_answer, "arc_easy": _question_answer,
 def _task(name: str) -> registry.EvalTask:
     return registry.EvalTask(
         name, load=lambda path, split, limit, seed: load(name, path, default_split(name), limit),
-        choices=True)
+        choices=choice_pairs, choice_lengths=choice_lengths,
+        prompt=lambda item: item["pairs"][0][0])
 
 
 EVAL_TASKS = [_task(name) for name in TASKS]

@@ -207,7 +207,7 @@ def _exception_reply(error: BaseException, encode_value) -> dict:
         args = None
     try:
         text = str(error)
-    except BaseException:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 - str() runs the solution's own __str__
         text = "<unprintable>"
     return {"raise": [name, args, text if type(text) is str else "<unprintable>"]}
 
@@ -255,7 +255,7 @@ def serve(requests: int, replies: int) -> None:
             reply = {"value": encode_value(operations[message["op"]](message))}
         except Exception as error:  # noqa: BLE001 - the solution's errors go to the tests
             reply = _exception_reply(error, encode_value)
-        except BaseException as error:  # SystemExit, KeyboardInterrupt: the solution ends here
+        except BaseException as error:  # noqa: BLE001 - SystemExit and the like: the solution ends
             send(replies, {"exit": f"{type(error).__name__}: {error}"})
             os._exit(0)
         send(replies, reply)

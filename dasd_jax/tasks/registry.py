@@ -1,23 +1,39 @@
-"""Every task the stages know, collected from the task modules: a new benchmark is one file.
+"""Every task the stages know, by name: a new benchmark is one file and one line of registration.
 
-    registry.eval_task("gsm8k")          # EvalTask: load, prompt, grade, difficulty, ...
-    registry.rewrite_family("math")      # RewriteFamily: answer-aware template, acceptance
+    registry.eval_task("gsm8k")              # EvalTask: load, prompt, grade, ... (imports gsm8k.py)
+    registry.rewrite_family("math")          # RewriteFamily: answer-aware template, acceptance
     registry.records("synthetic", n, seed)   # generated training records, for data.path
+    registry.tokenizer("synthetic")          # a random model's tokenizer (model.random_tokenizer)
 
-A module of `dasd_jax/tasks` takes part by defining any of `EVAL_TASKS` (a list of EvalTask),
-`REWRITE_FAMILIES` (a list of RewriteFamily) and `RECORD_SOURCES` ({name: (n, seed) -> records});
-this module finds them by importing every module of the package.
+Registration: the tables below name the module that defines each task, rewrite family, record
+source and tokenizer (a module of dasd_jax.tasks, or any importable module). A module is imported
+when one of its names is first asked for, so a stage never imports a task it does not run (the
+code tasks' sandbox, the demo world). It defines them as `EVAL_TASKS` (a list of EvalTask),
+`REWRITE_FAMILIES` (a list of RewriteFamily), `RECORD_SOURCES` ({name: (count, seed) ->
+records}) and `TOKENIZERS` ({name: () -> tokenizer}). A module outside the package registers at
+run time with `add_module("my_benchmark")` (`--config.eval.task_modules=my_benchmark`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import pkgutil
 from typing import Callable
 
 from dasd_jax.errors import UserError
+
+COMMONSENSE = ("commonsenseqa", "arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "siqa",
+               "winogrande")
+# name -> its module (relative names are under dasd_jax.tasks)
+EVAL_TASK_MODULES = {
+    "gsm8k": "gsm8k", "math500": "math500", "humaneval": "coding", "mbpp": "coding",
+    **{name: "commonsense" for name in COMMONSENSE},
+    "synthetic": "synthetic", "synthetic_easy": "synthetic", "synthetic_hard": "synthetic",
+}
+REWRITE_FAMILY_MODULES = {"math": "answers", "code": "answers", "commonsense": "answers",
+                          "synthetic": "synthetic"}
+RECORD_SOURCE_MODULES = {"synthetic": "synthetic"}
+TOKENIZER_MODULES = {"synthetic": "synthetic"}
 
 
 def _everything(item: dict) -> str:
@@ -28,11 +44,13 @@ def _everything(item: dict) -> str:
 class EvalTask:
     """A benchmark of stage 3.
 
-    load(path, split, limit, seed) -> items (dicts with "id"); generative tasks give
-    prompt(item) -> the instruction and grade(item, completion) -> {"correct": bool, ...};
-    multiple-choice tasks (`choices`) are scored by log-likelihood (tasks.commonsense).
-    difficulty(item) names the item's group in the results. `needs_path`: whether
-    eval.paths.NAME must name the data (generated tasks need none).
+    load(path, split, limit, seed) -> items (dicts with "id"). A generative task gives
+    prompt(item) -> the instruction and grade(item, completion) -> {"correct": bool, ...}; a
+    multiple-choice task gives choices(item) -> [(context, continuation)] per choice, scored by
+    log-likelihood, with `label` the right one, and choice_lengths(item) -> the characters
+    acc_norm divides by (tasks.scoring). prompt(item) of a multiple-choice task is its question
+    (the distribution-shift measure asks it). difficulty(item) names the item's group in the
+    results. `needs_path`: whether eval.paths.NAME must name the data.
     """
 
     name: str
@@ -40,7 +58,8 @@ class EvalTask:
     prompt: Callable[[dict], str] | None = None
     grade: Callable[[dict, str], dict] | None = None
     difficulty: Callable[[dict], str] = _everything
-    choices: bool = False
+    choices: Callable[[dict], list[tuple[str, str]]] | None = None
+    choice_lengths: Callable[[dict], list[int]] | None = None
     needs_path: bool = True
 
 
@@ -55,48 +74,71 @@ class RewriteFamily:
     accept: Callable[[str, str, str], str | None]
 
 
-@functools.cache
-def _collected() -> tuple[dict, dict, dict]:
-    import dasd_jax.tasks as package
-
-    tasks, families, sources = {}, {}, {}
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name == "registry":
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        tasks.update({t.name: t for t in getattr(module, "EVAL_TASKS", ())})
-        families.update({f.name: f for f in getattr(module, "REWRITE_FAMILIES", ())})
-        sources.update(getattr(module, "RECORD_SOURCES", {}))
-    return tasks, families, sources
+_LOADED: dict[str, dict] = {"tasks": {}, "families": {}, "sources": {}, "tokenizers": {}}
+_TABLES = {"tasks": EVAL_TASK_MODULES, "families": REWRITE_FAMILY_MODULES,
+           "sources": RECORD_SOURCE_MODULES, "tokenizers": TOKENIZER_MODULES}
 
 
-def eval_tasks() -> dict[str, EvalTask]:
-    return dict(_collected()[0])
+def add_module(name: str) -> None:
+    """Imports `name` (a module path; relative names under dasd_jax.tasks) and registers what it
+    defines, under its own names."""
+    try:
+        module = importlib.import_module(name if "." in name or name not in _known_modules()
+                                         else f"dasd_jax.tasks.{name}")
+    except ImportError as error:
+        raise UserError(f"task module {name!r} does not import ({error}); give an importable "
+                        "module path, e.g. --config.eval.task_modules=my_package.my_benchmark"
+                        ) from None
+    _LOADED["tasks"].update({t.name: t for t in getattr(module, "EVAL_TASKS", ())})
+    _LOADED["families"].update({f.name: f for f in getattr(module, "REWRITE_FAMILIES", ())})
+    _LOADED["sources"].update(getattr(module, "RECORD_SOURCES", {}))
+    _LOADED["tokenizers"].update(getattr(module, "TOKENIZERS", {}))
+
+
+def _known_modules() -> set[str]:
+    return {module for table in _TABLES.values() for module in table.values()}
+
+
+def _lookup(kind: str, name: str, what: str):
+    if name not in _LOADED[kind] and name in _TABLES[kind]:
+        add_module(_TABLES[kind][name])
+    if name not in _LOADED[kind]:
+        raise UserError(f"unknown {what} {name!r}; choose from {', '.join(names(kind))}")
+    return _LOADED[kind][name]
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The registered names of a kind ("tasks", "families", "sources", "tokenizers"), without
+    importing their modules."""
+    return tuple(dict.fromkeys([*_TABLES[kind], *_LOADED[kind]]))
+
+
+def eval_tasks() -> tuple[str, ...]:
+    return names("tasks")
 
 
 def eval_task(name: str) -> EvalTask:
-    tasks = _collected()[0]
-    if name not in tasks:
-        raise UserError(f"unknown task {name!r}; choose from {', '.join(tasks)}")
-    return tasks[name]
+    return _lookup("tasks", name, "task")
 
 
-def rewrite_families() -> dict[str, RewriteFamily]:
-    return dict(_collected()[1])
+def rewrite_families() -> tuple[str, ...]:
+    return names("families")
 
 
 def rewrite_family(name: str) -> RewriteFamily:
-    families = _collected()[1]
-    if name not in families:
-        raise UserError(f"--config.rewrite.task={name!r} is not one of {', '.join(families)}")
-    return families[name]
+    return _lookup("families", name, "rewrite family (--config.rewrite.task)")
 
 
 def record_sources() -> tuple[str, ...]:
     """The names data.path / rewrite.input accept for generated records."""
-    return tuple(_collected()[2])
+    return names("sources")
 
 
 def records(name: str, count: int, seed: int) -> list[dict]:
     """`count` generated records of the source `name` (prompt, reference, ...)."""
-    return _collected()[2][name](count, seed)
+    return _lookup("sources", name, "record source")(count, seed)
+
+
+def tokenizer(name: str):
+    """The tokenizer a task module provides for random models (`model.random_tokenizer`)."""
+    return _lookup("tokenizers", name, "tokenizer (--config.model.random_tokenizer)")()

