@@ -138,7 +138,10 @@ def table(rows: list[dict]) -> str:
             f"{step_['argument_gib']:.1f} + {step_['temp_gib']:.1f} GiB | "
             f"{decode['peak_gib']:.1f} GiB ({decode['stage']}) | {row['usable_gib']:.1f} GiB | "
             f"{'yes' if fits else '**no**'} | {estimate} |")
-    return "\n".join(out)
+    commands = [f"{row['command']}  # {row['model']} {row['target']} {row['method']}"
+                for row in rows]
+    return "\n".join(out + ["", "The command of each row, in order:", "", "```bash",
+                             *commands, "```"])
 
 
 def main() -> None:

@@ -272,8 +272,9 @@ def _remedies(config: Any, target: targets.Target, stage: str, weights_per_devic
         if config.model.param_dtype == "float32":
             options.append("--config.model.param_dtype=bfloat16")
     elif stage == "train":
-        if (train.batch_size // train.micro_batches) % 2 == 0:
-            options.append(f"--config.train.micro_batches={train.micro_batches * 2}")
+        doubled, shards = train.micro_batches * 2, config.mesh.shape[0] * config.mesh.shape[1]
+        if train.batch_size % doubled == 0 and (train.batch_size // doubled) % shards == 0:
+            options.append(f"--config.train.micro_batches={doubled}")
         if config.model.remat_policy != "full":
             options.append("--config.model.remat_policy=full")
     else:

@@ -155,3 +155,14 @@ def test_the_platform_follows_the_target_unless_set():
     assert targets.platform_for(config) == "gpu"
     config.model.platform = "cpu"
     assert targets.platform_for(config) == "cpu"
+
+
+def test_the_remedies_offered_keep_each_micro_batch_split_over_the_devices(compilers):
+    config = math_config.get_config("tiny")
+    config.update(compile_for=TPU, dry_run=True)
+    target = targets.resolve(TPU)
+    for batch, offered in ((8, False), (16, True)):
+        config.train.update(batch_size=batch, micro_batches=1)
+        remedies = fit_check._remedies(run_config.resolve(config), target, "train", 0.0)
+        assert ("--config.train.micro_batches=2" in remedies) == offered, remedies
+        assert "--config.model.remat_policy=full" in remedies
