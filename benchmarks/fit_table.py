@@ -116,7 +116,11 @@ def measure_apart(model: str, target: str, method: str, train_only: bool) -> dic
 
 def table(rows: list[dict]) -> str:
     """The markdown table of the README: per row the train step's memory per device, the
-    largest decoding program's, the verdict and the step-time estimate."""
+    largest decoding program's, the verdict and the step-time estimate; ordered by model,
+    target and method as MODELS, TARGETS and METHODS list them."""
+    order = {name: i for i, name in enumerate((*MODELS, *TARGETS, *METHODS))}
+    rows = sorted(rows, key=lambda r: tuple(order.get(r[k], len(order))
+                                            for k in ("model", "target", "method")))
     out = ["| model | target | method | train step peak / device | args + temps | "
            "largest rewrite / eval program | usable / device | fits | step time >= (est.) |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -131,11 +135,13 @@ def table(rows: list[dict]) -> str:
         fits = row["fits"] and not decode["refused"] and decode["peak_gib"] <= row["usable_gib"]
         peak = (f"refused ({step_['peak_gib']:.1f} GiB+)" if step_["refused"]
                 else f"{step_['peak_gib']:.1f} GiB")
+        parts = ("—" if step_["refused"]
+                 else f"{step_['argument_gib']:.1f} + {step_['temp_gib']:.1f} GiB")
         bound = row["step_seconds_lower_bound"]
         estimate = f"{bound['seconds']:.2f} s" if bound and not step_["refused"] else ""
         out.append(
             f"| {row['model']} | {row['target']} | {row['method']} | {peak} | "
-            f"{step_['argument_gib']:.1f} + {step_['temp_gib']:.1f} GiB | "
+            f"{parts} | "
             f"{decode['peak_gib']:.1f} GiB ({decode['stage']}) | {row['usable_gib']:.1f} GiB | "
             f"{'yes' if fits else '**no**'} | {estimate} |")
     commands = [f"{row['command']}  # {row['model']} {row['target']} {row['method']}"
