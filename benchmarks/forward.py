@@ -29,6 +29,10 @@ SHAPES = {
         rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0, rope_original_max_position=8192, tie_word_embeddings=True,
         max_position_embeddings=131072),
+    "smollm2-135m": model.ModelConfig(  # SmolLM2-135M-Instruct's config.json
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        tie_word_embeddings=True, max_position_embeddings=8192),
 }
 
 

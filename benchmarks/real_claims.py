@@ -30,7 +30,10 @@ Prints a Markdown table and the verdicts for benchmarks/RESULTS.md; writes
 {workdir}/real_claims.json.
 
 The verdicts, fixed before the run (a method's value = its mean over seeds, its spread = the
-standard deviation over seeds; the shift = KL averaged over the shift prompts of every domain):
+standard deviation over seeds; the shift = KL averaged over the shift prompts of every domain).
+A method run with one seed has no spread over seeds: its spread is then the standard error of
+its own measurement (the shift's over the prompts, GSM8K's binomial), which leaves out the
+variation between data orders and so makes a difference look surer than seeds would:
   (d) DASD moves the base less than SFT, SDFT and random: for each of them, its mean shift
       exceeds DASD's by more than the sum of the two spreads;
   (c) DASD learns GSM8K at least as well as SFT, SDFT and random: for each, DASD's mean
@@ -230,13 +233,27 @@ def runs(table: dict) -> list[dict]:
             for r in table["results"].values() if "method" in r]
 
 
+def standard_error(result: dict, key: str) -> float:
+    """The standard error of one run's `key` from its own sample: the shift's over the prompts
+    (each domain's standard error, weighted as the prompts are), an accuracy's binomial one."""
+    if key == "kl":
+        domains = result["shift"].values()
+        prompts = sum(d["prompts"] for d in domains)
+        return float(np.sqrt(sum((d["prompts"] / prompts * d["kl_se"]) ** 2 for d in domains)))
+    n = result[f"{key}_examples"]
+    return float(np.sqrt(result[key] * (1 - result[key]) / n))
+
+
 def by_method(table: dict, key: str) -> dict[str, tuple[float, float]]:
-    """method -> (mean over seeds, standard deviation over seeds; 0 with one seed) of `key`."""
-    grouped: dict[str, list[float]] = {}
+    """method -> (mean over seeds, spread) of `key`: the standard deviation over seeds, or with
+    one seed the run's own standard error."""
+    grouped: dict[str, list[dict]] = {}
     for result in runs(table):
-        grouped.setdefault(result["method"], []).append(result[key])
-    return {m: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
-            for m, v in grouped.items()}
+        grouped.setdefault(result["method"], []).append(result)
+    return {m: (statistics.fmean(r[key] for r in group),
+                statistics.stdev(r[key] for r in group) if len(group) > 1
+                else standard_error(group[0], key))
+            for m, group in grouped.items()}
 
 
 def permutation_p(x, y, sign: int, permutations: int = 10_000) -> tuple[float, float]:
@@ -276,7 +293,9 @@ def verdicts(table: dict) -> list[tuple[str, bool, str]]:
 
 def markdown(table: dict) -> str:
     columns = ("gsm8k", "commonsense", *COMMONSENSE)
-    rows = ["| model | " + " | ".join(columns) + " | KL(base‖tuned) | ΔNLL | top-1 changed | "
+    rows = ["± is the standard deviation over seeds; for a method run with one seed, the run's "
+            "standard error (the shift's over the prompts, an accuracy's binomial).", "",
+            "| model | " + " | ".join(columns) + " | KL(base‖tuned) | ΔNLL | top-1 changed | "
             "kept | high-PPL share of trained | GSM8K unfinished |",
             "|---" * (len(columns) + 7) + "|"]
     base = table["results"]["base"]
@@ -287,10 +306,14 @@ def markdown(table: dict) -> str:
         if not group:
             continue
         mean = lambda key, group=group: statistics.fmean(r[key] for r in group)
-        spread = lambda key, group=group: (statistics.stdev(r[key] for r in group)
-                                           if len(group) > 1 else 0.0)
-        cells = [f"{mean(c):.1%} ± {spread(c):.1%}" for c in columns]
-        rows.append(f"| {name} ({len(group)} seeds) | " + " | ".join(cells)
+        spread = lambda key, group=group: (
+            statistics.stdev(r[key] for r in group) if len(group) > 1
+            else standard_error(group[0], key) if key == "kl" or f"{key}_examples" in group[0]
+            else None)
+        cells = [f"{mean(c):.1%}" + ("" if spread(c) is None else f" ± {spread(c):.1%}")
+                 for c in columns]
+        rows.append(f"| {name} ({len(group)} seed{'s' if len(group) > 1 else ''}) | "
+                    + " | ".join(cells)
                     + f" | {mean('kl'):.4f} ± {spread('kl'):.4f} | {mean('delta_nll'):+.3f} | "
                     f"{mean('top1_changed'):.1%} | {mean('kept_ratio'):.2f} | "
                     f"{mean('high_ppl_share'):.1%} | {mean('gsm8k_unfinished'):.1%} |")
