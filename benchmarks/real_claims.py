@@ -260,6 +260,8 @@ def permutation_p(x, y, sign: int, permutations: int = 10_000) -> tuple[float, f
     """(Pearson r, one-sided permutation p of r having `sign`: the share of shuffles of y whose
     r is at least as far in that direction)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # e.g. no commonsense prediction changed in any run
+        return float("nan"), 1.0
     r = float(np.corrcoef(x, y)[0, 1])
     rng = np.random.default_rng(0)
     shuffled = np.array([np.corrcoef(x, rng.permutation(y))[0, 1] for _ in range(permutations)])
