@@ -123,6 +123,9 @@ def choice_logliks(config, cfg, params, tokenizer, spec: registry.EvalTask,
     pairs = [(i, c, scoring.encode_pair(tokenizer, context, continuation, config.eval.bos))
              for i, item in enumerate(items)
              for c, (context, continuation) in enumerate(spec.choices(item))]
+    # Longest first, as lm-eval orders its requests: each pass pads to the bucket of its
+    # longest pair, so passes of similar lengths pad least.
+    pairs.sort(key=lambda pair: -sum(map(len, pair[2])))
     scored = sampling.score_stats(
         cfg, params, [encoded[0] for _, _, encoded in pairs],
         [encoded[1] for _, _, encoded in pairs], ("logprob",), tuple(config.eval.prompt_buckets),
