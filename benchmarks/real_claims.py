@@ -102,9 +102,10 @@ def base_config(args, sizes: dict):
     config.data.update(eval_path="", max_seq_len=512, buckets=(256, 384, 512), group_by_length=4)
     if sizes["dtype"] != "float32":
         config.model.compute_dtype = config.train.base_dtype = sizes["dtype"]
-    # Commonsense pairs are mostly under 128 tokens (BoolQ's passages up to ~450): a 128 bucket
-    # halves their scoring passes against the :smollm2 (256, 512).
-    config.eval.update(max_new_tokens=sizes["max_new_tokens"], prompt_buckets=(128, 256, 512))
+    # Commonsense pairs are mostly under 128 tokens (one of the first 100 BoolQ passages runs to
+    # 785): a 128 bucket halves their scoring passes against the :smollm2 (256, 512).
+    config.eval.update(max_new_tokens=sizes["max_new_tokens"],
+                       prompt_buckets=(128, 256, 512, 1024))
     config.eval.paths.update(
         gsm8k=str(DATA / "gsm8k" / "test.jsonl"), math500=str(DATA / "math500" / "test.jsonl"),
         humaneval=str(DATA / "humaneval" / "HumanEval.jsonl.gz"),
