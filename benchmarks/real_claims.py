@@ -120,7 +120,8 @@ def base_config(args, sizes: dict):
 def evaluation(config, workdir: Path, checkpoint: str, sizes: dict, resume: bool,
                shifted: bool) -> dict:
     """GSM8K, the commonsense tasks and (shifted) the shift from the base of one model; with
-    `resume`, an evaluation whose summary.json an earlier run wrote is read, not redone."""
+    `resume`, an evaluation whose summary.json an earlier run of the same sizes wrote is read,
+    not redone."""
     scores, timings = {}, {}
     parts = [("commonsense", ",".join(COMMONSENSE), sizes["commonsense"], False),
              ("gsm8k", "gsm8k", sizes["test"], False)]
@@ -129,9 +130,12 @@ def evaluation(config, workdir: Path, checkpoint: str, sizes: dict, resume: bool
     for name, tasks, limit, shift in parts:
         output = workdir / "eval" / name
         started = time.perf_counter()
-        if resume and (output / "summary.json").is_file():
-            summary = json.loads((output / "summary.json").read_text())
-        else:
+        summary = (json.loads((output / "summary.json").read_text())
+                   if resume and (output / "summary.json").is_file() else None)
+        if summary and limit and any(numbers["examples"] != limit
+                                     for numbers in summary["tasks"].values()):
+            summary = None  # an earlier run of other sizes: evaluated again
+        if summary is None:
             stage = stage_config(config, workdir, eval=dict(
                 tasks=tasks, tuned_tasks="gsm8k", baseline="", checkpoint=checkpoint,
                 limit=limit, output=str(output)))
