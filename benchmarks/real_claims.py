@@ -281,12 +281,12 @@ def verdicts(table: dict) -> list[tuple[str, bool, str]]:
     moved = {m: shift[m][0] - shift["DASD"][0] > shift[m][1] + shift["DASD"][1]
              for m in COMPARED}
     out.append(("(d) DASD moves the base less than SFT, SDFT and random", all(moved.values()),
-                "mean KL(base || tuned) per token ± seeds' std: " + ", ".join(
+                "mean KL(base || tuned) per token ± spread: " + ", ".join(
                     f"{m} {shift[m][0]:.4f} ± {shift[m][1]:.4f}" for m in shift)))
     learned = {m: gsm8k["DASD"][0] - gsm8k[m][0] >= -(gsm8k[m][1] + gsm8k["DASD"][1])
                for m in COMPARED}
     out.append(("(c) DASD learns GSM8K at least as well as SFT, SDFT and random",
-                all(learned.values()), "GSM8K accuracy ± seeds' std: " + ", ".join(
+                all(learned.values()), "GSM8K accuracy ± spread: " + ", ".join(
                     f"{m} {gsm8k[m][0]:.1%} ± {gsm8k[m][1]:.1%}" for m in gsm8k)
                 + f"; base {table['results']['base']['gsm8k']:.1%}"))
     every = runs(table)
@@ -346,6 +346,11 @@ def markdown(table: dict) -> str:
                     f"{r['fallback_reasons']}, mean candidates {r['mean_n_candidates']}, "
                     f"PPL>10 of kept tokens {r['kept_high_ppl_10']}")
     rows.append("")
+    missing = sorted({"DASD", *COMPARED} - {r["method"] for r in runs(table)})
+    if missing:
+        rows.append(f"* No verdicts: they compare DASD with {', '.join(COMPARED)}; not run yet: "
+                    f"{', '.join(missing)}.")
+        return "\n".join(rows)
     for claim, supported, evidence in verdicts(table):
         rows.append(f"* {claim}: **{'supported' if supported else 'not supported'}** "
                     f"({evidence}).")
