@@ -188,21 +188,21 @@ def run(args, sizes: dict) -> dict:
     for seed in range(sizes["seeds"]):
         for name in methods:
             rule, mode, target = METHODS[name]
-            run_dir = workdir / f"{name.lower().replace(' ', '_')}_seed{seed}"
-            stage = stage_config(config, run_dir, data=dict(path=str(files[mode]), target=target),
+            tuned_dir = run_dir(workdir, name, seed)
+            stage = stage_config(config, tuned_dir, data=dict(path=str(files[mode]), target=target),
                                  selection=dict(rule=rule))
             stage.seed = seed
             started = time.perf_counter()
-            if not (args.resume and (run_dir / "hf" / "config.json").is_file()):
-                shutil.rmtree(run_dir, ignore_errors=True)
+            if not (args.resume and (tuned_dir / "hf" / "config.json").is_file()):
+                shutil.rmtree(tuned_dir, ignore_errors=True)
                 train.train(stage)
             trained = time.perf_counter() - started
-            result = {**evaluation(config, run_dir, str(run_dir / "hf"), sizes, args.resume,
-                                   shifted=True), **training_means(run_dir),
+            result = {**evaluation(config, tuned_dir, str(tuned_dir / "hf"), sizes, args.resume,
+                                   shifted=True), **training_means(tuned_dir),
                       "method": name, "seed": seed}
             result["seconds"]["train"] = trained
             table["results"][f"{name} seed {seed}"] = result
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # not needed any more
+            shutil.rmtree(tuned_dir / "checkpoints", ignore_errors=True)  # not needed any more
             (workdir / "real_claims.json").write_text(json.dumps(table, indent=2) + "\n")
 
     started = time.perf_counter()
@@ -273,6 +273,33 @@ def permutation_p(x, y, sign: int, permutations: int = 10_000) -> tuple[float, f
     rng = np.random.default_rng(0)
     shuffled = np.array([np.corrcoef(x, rng.permutation(y))[0, 1] for _ in range(permutations)])
     return r, float(np.mean(sign * shuffled >= sign * r))
+
+
+def run_dir(workdir: Path, method: str, seed: int) -> Path:
+    return workdir / f"{method.lower().replace(' ', '_')}_seed{seed}"
+
+
+def paired_shift(workdir: Path, table: dict) -> dict[str, tuple[float, float, int]]:
+    """Not a verdict, a closer look: "{method} seed {s}" -> (mean over the shift prompts of
+    KL(method) - KL(DASD), its standard error, prompts), each prompt's KL paired with DASD's
+    of the same seed (both models scored on the same base answers)."""
+    def per_prompt(method, seed):
+        path = run_dir(workdir, method, seed) / "eval" / "shift" / "shift.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        return {(line["task"], line["id"]): line["kl"] for line in lines}
+
+    out = {}
+    for result in runs(table):
+        if result["method"] == "DASD" or not any(
+                r["method"] == "DASD" and r["seed"] == result["seed"] for r in runs(table)):
+            continue
+        dasd, other = per_prompt("DASD", result["seed"]), per_prompt(result["method"],
+                                                                      result["seed"])
+        differences = np.array([other[key] - dasd[key] for key in dasd])
+        out[f"{result['method']} seed {result['seed']}"] = (
+            float(differences.mean()),
+            float(differences.std(ddof=1) / np.sqrt(len(differences))), len(differences))
+    return out
 
 
 def verdicts(table: dict) -> list[tuple[str, bool, str]]:
@@ -354,6 +381,11 @@ def markdown(table: dict) -> str:
     for claim, supported, evidence in verdicts(table):
         rows.append(f"* {claim}: **{'supported' if supported else 'not supported'}** "
                     f"({evidence}).")
+    if table.get("paired_shift"):
+        rows += ["", "Not a verdict, a closer look at (d): each shift prompt's KL paired with "
+                 "DASD's on the same base answer, mean of KL(method) - KL(DASD) ± its standard "
+                 "error: " + ", ".join(f"{run} {mean:+.4f} ± {se:.4f} ({n} prompts)"
+                                       for run, (mean, se, n) in table["paired_shift"].items())]
     return "\n".join(rows)
 
 
@@ -416,6 +448,7 @@ def main() -> None:
         table = json.loads((Path(args.workdir) / "real_claims.json").read_text())
     else:
         table = run(args, sizes)
+    table["paired_shift"] = paired_shift(Path(args.workdir), table)
     print(markdown(table))
     if args.pilot:
         print("\n" + pilot_costs(table))

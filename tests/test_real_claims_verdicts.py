@@ -60,3 +60,17 @@ def test_a_difference_inside_the_seeds_spread_is_not_supported(real_claims):
     assert claim.startswith("(d)") and not supported and "DASD 0.0200 ± 0.0141" in evidence
     # no run changed the commonsense score: no correlation to speak of, and no warning
     assert not shift_predicts[1] and "r = +nan" in shift_predicts[2]
+
+
+def test_the_paired_shift_differences_each_prompt_against_dasds_on_the_same_answer(real_claims,
+                                                                                   tmp_path):
+    kl = {"DASD": (0.01, 0.03, 0.02), "SFT": (0.02, 0.05, 0.02)}
+    for method, values in kl.items():
+        shift = real_claims.run_dir(tmp_path, method, 0) / "eval" / "shift"
+        shift.mkdir(parents=True)
+        (shift / "shift.jsonl").write_text("".join(
+            f'{{"task": "mbpp", "id": {i}, "kl": {value}}}\n' for i, value in enumerate(values)))
+    runs = [run(method, 0, 0.0, 0.0, 0.0, 0.4, 0.0) for method in kl]
+    (mean, se, prompts), = real_claims.paired_shift(tmp_path, table(runs)).values()
+    assert (mean, prompts) == (pytest.approx(0.01), 3)  # differences 0.01, 0.02, 0.0
+    assert se == pytest.approx(0.01 / math.sqrt(3))
