@@ -251,15 +251,22 @@ def standard_error(result: dict, key: str) -> float:
     return float(np.sqrt(result[key] * (1 - result[key]) / n))
 
 
+def spread(group: list[dict], key: str) -> float | None:
+    """The spread of `key` over one method's runs: the standard deviation over seeds, or with one
+    seed the run's own standard error; None where one run has no sample size to give one."""
+    if len(group) > 1:
+        return statistics.stdev(r[key] for r in group)
+    if key == "kl" or f"{key}_examples" in group[0]:
+        return standard_error(group[0], key)
+    return None
+
+
 def by_method(table: dict, key: str) -> dict[str, tuple[float, float]]:
-    """method -> (mean over seeds, spread) of `key`: the standard deviation over seeds, or with
-    one seed the run's own standard error."""
+    """method -> (mean over seeds, spread) of `key`."""
     grouped: dict[str, list[dict]] = {}
     for result in runs(table):
         grouped.setdefault(result["method"], []).append(result)
-    return {m: (statistics.fmean(r[key] for r in group),
-                statistics.stdev(r[key] for r in group) if len(group) > 1
-                else standard_error(group[0], key))
+    return {m: (statistics.fmean(r[key] for r in group), spread(group, key))
             for m, group in grouped.items()}
 
 
@@ -342,15 +349,12 @@ def markdown(table: dict) -> str:
         if not group:
             continue
         mean = lambda key, group=group: statistics.fmean(r[key] for r in group)
-        spread = lambda key, group=group: (
-            statistics.stdev(r[key] for r in group) if len(group) > 1
-            else standard_error(group[0], key) if key == "kl" or f"{key}_examples" in group[0]
-            else None)
-        cells = [f"{mean(c):.1%}" + ("" if spread(c) is None else f" ± {spread(c):.1%}")
-                 for c in columns]
+        cells = [f"{mean(c):.1%}" + ("" if spread(group, c) is None
+                                     else f" ± {spread(group, c):.1%}") for c in columns]
         rows.append(f"| {name} ({len(group)} seed{'s' if len(group) > 1 else ''}) | "
                     + " | ".join(cells)
-                    + f" | {mean('kl'):.4f} ± {spread('kl'):.4f} | {mean('delta_nll'):+.3f} | "
+                    + f" | {mean('kl'):.4f} ± {spread(group, 'kl'):.4f} | "
+                    f"{mean('delta_nll'):+.3f} | "
                     f"{mean('top1_changed'):.1%} | {mean('kept_ratio'):.2f} | "
                     f"{mean('high_ppl_share'):.1%} | {mean('gsm8k_unfinished'):.1%} |")
     rows += ["", "| run | KL by domain: " + ", ".join(SHIFT_TASKS) + " | commonsense change |",
